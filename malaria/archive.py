@@ -1,0 +1,166 @@
+"""Read the competition's zips and CSVs into validated tables.
+
+Everything that can be wrong with the inputs is checked here, before any training starts, so a
+bad file fails with a message naming it instead of a traceback from inside a DataLoader worker.
+Images stay inside their zip: a table row says which member holds which id.
+"""
+
+from __future__ import annotations
+
+import logging
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+TRAIN_ZIP = "train_data.zip"
+TEST_ZIP = "test_data.zip"
+LABEL_CSVS = ("train_labels.csv", "train_data.csv")
+SAMPLE_SUBMISSION = "sample_submission.csv"
+ID_COLUMNS = ("img_name", "id")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+SHOWN = 5  # how many offending names an error message lists
+
+
+class DataError(ValueError):
+    """The competition files are unusable; the message names the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class ImageTable:
+    """Which zip member holds each id's image, and its label (None for the test set)."""
+
+    zip_path: Path
+    ids: list[str]
+    members: list[str]
+    labels: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _listing(names: list[str]) -> str:
+    more = f" (and {len(names) - SHOWN} more)" if len(names) > SHOWN else ""
+    return ", ".join(repr(n) for n in names[:SHOWN]) + more
+
+
+def _is_junk(member: str) -> bool:
+    """macOS resource forks, hidden files and folders that zip tools add."""
+    parts = PurePosixPath(member).parts
+    return any(p.startswith(".") or p == "__MACOSX" for p in parts)
+
+
+def list_images(zip_path: Path) -> dict[str, str]:
+    """Map each image file name to its member path, at any folder depth inside the zip."""
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            members = [i.filename for i in archive.infolist() if not i.is_dir()]
+    except FileNotFoundError:
+        raise DataError(f"{zip_path}: file not found.") from None
+    except (zipfile.BadZipFile, OSError) as err:
+        raise DataError(f"{zip_path}: not a readable zip archive ({err}). Download it again.") from None
+
+    unsafe = [m for m in members if m.startswith(("/", "\\")) or ".." in PurePosixPath(m).parts]
+    if unsafe:
+        raise DataError(f"{zip_path}: unsafe member paths {_listing(unsafe)}; refusing to read this archive.")
+
+    members = [m for m in members if not _is_junk(m)]
+    images = [m for m in members if m.lower().endswith(IMAGE_SUFFIXES)]
+    ignored = sorted(set(members) - set(images))
+    if ignored:
+        log.warning("%s: ignoring %d non-image members: %s", zip_path, len(ignored), _listing(ignored))
+    if not images:
+        raise DataError(f"{zip_path}: the archive holds no PNG images.")
+
+    by_name: dict[str, str] = {}
+    clashes: list[str] = []
+    for member in sorted(images):
+        name = PurePosixPath(member).name
+        if name in by_name:
+            clashes.append(f"{by_name[name]} / {member}")
+        by_name[name] = member
+    if clashes:
+        raise DataError(f"{zip_path}: the same file name appears in several folders: {_listing(clashes)}.")
+    return by_name
+
+
+def read_id_csv(csv_path: Path, with_labels: bool) -> pd.DataFrame:
+    """Read an `img_name,label` CSV (`id` accepted for `img_name`), checking ids and labels."""
+    try:
+        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skip_blank_lines=True,
+                            encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(f"{csv_path}: file not found.") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DataError(f"{csv_path}: not a readable CSV ({err}).") from None
+
+    frame.columns = [c.strip() for c in frame.columns]
+    id_column = next((c for c in ID_COLUMNS if c in frame.columns), None)
+    if id_column is None or (with_labels and "label" not in frame.columns):
+        wanted = "img_name,label" if with_labels else "img_name"
+        raise DataError(f"{csv_path}: expected a header with {wanted}, found {','.join(frame.columns)}.")
+    frame = frame.rename(columns={id_column: "img_name"})
+    frame["img_name"] = frame["img_name"].str.strip()
+    if frame.empty:
+        raise DataError(f"{csv_path}: the CSV has a header but no rows.")
+
+    blank = frame.index[frame["img_name"] == ""]
+    if len(blank):
+        raise DataError(f"{csv_path}: empty img_name on line {blank[0] + 2}.")
+    duplicated = frame["img_name"][frame["img_name"].duplicated()].tolist()
+    if duplicated:
+        raise DataError(f"{csv_path}: duplicate ids {_listing(duplicated)}.")
+    if with_labels:
+        labels = frame["label"].str.strip()
+        bad = frame.index[~labels.isin(["0", "1"])]
+        if len(bad):
+            row = bad[0]
+            raise DataError(
+                f"{csv_path}: line {row + 2} ({frame['img_name'][row]}) has label {frame['label'][row]!r}; "
+                "labels must be 0 (uninfected) or 1 (parasitized)."
+            )
+        frame["label"] = labels.astype(np.int64)
+    return frame[["img_name", "label"] if with_labels else ["img_name"]]
+
+
+def _match(zip_path: Path, csv_path: Path, ids: list[str]) -> list[str]:
+    """Member path for every id, failing on ids without an image."""
+    images = list_images(zip_path)
+    missing = [i for i in ids if i not in images]
+    if missing:
+        raise DataError(f"{csv_path}: {len(missing)} ids have no image in {zip_path}: {_listing(missing)}.")
+    unlabelled = sorted(set(images) - set(ids))
+    if unlabelled:
+        log.warning("%s: %d images are not listed in %s and will be skipped: %s",
+                    zip_path, len(unlabelled), csv_path.name, _listing(unlabelled))
+    return [images[i] for i in ids]
+
+
+def has_competition(data_dir: Path) -> bool:
+    """True when data_dir holds the training zip and a label CSV."""
+    return (data_dir / TRAIN_ZIP).exists() and any((data_dir / c).exists() for c in LABEL_CSVS)
+
+
+def load_train(data_dir: Path) -> ImageTable:
+    """The labelled training table from train_data.zip + train_labels.csv (or train_data.csv)."""
+    csv_path = next((data_dir / c for c in LABEL_CSVS if (data_dir / c).exists()), data_dir / LABEL_CSVS[0])
+    frame = read_id_csv(csv_path, with_labels=True)
+    ids = frame["img_name"].tolist()
+    members = _match(data_dir / TRAIN_ZIP, csv_path, ids)
+    return ImageTable(data_dir / TRAIN_ZIP, ids, members, frame["label"].to_numpy())
+
+
+def load_test(data_dir: Path) -> ImageTable:
+    """The test table, in sample_submission.csv order when that file exists, else by file name."""
+    zip_path = data_dir / TEST_ZIP
+    sample = data_dir / SAMPLE_SUBMISSION
+    if sample.exists():
+        ids = read_id_csv(sample, with_labels=False)["img_name"].tolist()
+        return ImageTable(zip_path, ids, _match(zip_path, sample, ids))
+    images = list_images(zip_path)
+    ids = sorted(images)
+    return ImageTable(zip_path, ids, [images[i] for i in ids])

@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny generated competitions, and the real NIH sample when it is present."""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from pathlib import Path
+
+# Tests never touch the network: no hub weights, no W&B uploads, no update checks.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from malaria.demo import make_demo_competition
+
+REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "dev"
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic competition in the real layout (train/test zips, CSVs)."""
+    return make_demo_competition(tmp_path_factory.mktemp("demo") / "data", n_train=240, n_test=40, seed=1)
+
+
+@pytest.fixture
+def realdata() -> Path:
+    if not (REALDATA / "train_data.zip").exists():
+        pytest.skip(f"{REALDATA} is absent (real NIH sample lives beside the repo in ../shared)")
+    return REALDATA
+
+
+def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def cell(seed: int, size: int = 24) -> np.ndarray:
+    """A random RGB image, different per seed."""
+    return np.random.default_rng(seed).integers(0, 256, (size, size + seed % 5, 3), dtype=np.uint8)
+
+
+def write_zip(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+def write_competition(folder: Path, n: int = 12, labels_csv: str | None = None, folder_in_zip: str = "train/",
+                      n_test: int = 4) -> Path:
+    """A tiny competition: n train PNGs named like NIH slides, and n_test test PNGs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"C{10 + i % 4}P{i % 4}ThinF_IMG_20150101_000000_cell_{i}.png" for i in range(n)]
+    write_zip(folder / "train_data.zip", {folder_in_zip + name: png_bytes(cell(i)) for i, name in enumerate(names)})
+    if labels_csv is None:
+        labels_csv = "img_name,label\n" + "".join(f"{name},{i % 2}\n" for i, name in enumerate(names))
+    (folder / "train_labels.csv").write_text(labels_csv)
+    test_names = [f"C99ThinF_IMG_20150101_000000_cell_{i}.png" for i in range(n_test)]
+    write_zip(folder / "test_data.zip", {"test/" + name: png_bytes(cell(100 + i)) for i, name in enumerate(test_names)})
+    return folder

@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+
+from malaria import splits
+
+
+@pytest.mark.parametrize(
+    ("name", "slide"),
+    [
+        ("C33P1thinF_IMG_20150619_114756a_cell_179.png", "C33P1"),
+        ("C182P143NThinF_IMG_20151201_172842_cell_27.png", "C182P143"),
+        ("C73P34_ThinF_IMG_20150815_112246_cell_180.png", "C73P34"),
+        ("C1_thinF_IMG_20150604_104722_cell_9.png", "C1"),
+        ("C211ThinF_IMG_20151029_164033_cell_47.png", "C211"),
+        ("cell_001.png", None),
+        ("Cat_photo.png", None),
+    ],
+)
+def test_slide_of(name: str, slide: str | None) -> None:
+    assert splits.slide_of(name) == slide
+
+
+def _names(n_slides: int, per_slide: int) -> tuple[list[str], np.ndarray]:
+    names = [f"C{s}P{s}ThinF_IMG_1_cell_{i}.png" for s in range(n_slides) for i in range(per_slide)]
+    labels = np.array([(s + i) % 2 for s in range(n_slides) for i in range(per_slide)])
+    return names, labels
+
+
+def test_holdout_keeps_each_slide_on_one_side() -> None:
+    names, labels = _names(20, 10)
+    train, val = splits.holdout(labels, names, 0.2, seed=0)
+    slides = splits.groups(names)
+    assert not set(slides[train]) & set(slides[val])
+    assert len(train) + len(val) == len(names)
+    assert 0.1 < len(val) / len(names) < 0.3
+
+
+def test_holdout_depends_on_seed_and_is_reproducible() -> None:
+    names, labels = _names(20, 10)
+    a = splits.holdout(labels, names, 0.2, seed=0)[1]
+    assert np.array_equal(a, splits.holdout(labels, names, 0.2, seed=0)[1])
+    assert not np.array_equal(a, splits.holdout(labels, names, 0.2, seed=1)[1])
+
+
+def test_names_without_slides_fall_back_to_stratified() -> None:
+    names = [f"img_{i}.png" for i in range(100)]
+    labels = np.array([i % 2 for i in range(100)])
+    train, val = splits.holdout(labels, names, 0.2, seed=0)
+    assert len(val) == 20 and labels[val].sum() == 10
+
+
+def test_kfold_covers_every_image_once_in_validation() -> None:
+    names, labels = _names(15, 6)
+    folds = splits.kfold(labels, names, 5, seed=0)
+    seen = np.concatenate([val for _, val in folds])
+    assert sorted(seen.tolist()) == list(range(len(names)))
