@@ -1,0 +1,289 @@
+"""Kaggle download/submit with a fake client at the network boundary: no test touches the network."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import requests
+
+from malaria import leaderboard
+from malaria.leaderboard import KaggleError, connect, default_competition, download, main, submit
+from malaria.submit import SubmissionError, write_submission
+
+IDS = ["t1.png", "t2.png", "t3.png"]
+COMPETITION = "fake-malaria"
+OUTER_FILES = ("train_data.zip", "train_labels.csv", "test_data.zip", "sample_submission.csv")
+
+
+def _zip_bytes(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def _competition_files() -> dict[str, bytes]:
+    """Tiny stand-ins for what Kaggle serves: image zips kept zipped, plus the CSVs."""
+    return {
+        "train_data.zip": _zip_bytes({"train/x1.png": b"png", "train/x2.png": b"png"}),
+        "train_labels.csv": b"img_name,label\nx1.png,0\nx2.png,1\n",
+        "test_data.zip": _zip_bytes({f"test/{i}": b"png" for i in IDS}),
+        "sample_submission.csv": ("img_name,label\n" + "".join(f"{i},0\n" for i in IDS)).encode(),
+    }
+
+
+class FakeKaggleApi:
+    """Stands in for kaggle.api: records calls, serves a local archive, or fails on demand."""
+
+    COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE = "Could not submit to competition"
+
+    def __init__(self, files: dict[str, bytes] | None = None, error: Exception | None = None) -> None:
+        self.files = _competition_files() if files is None else files
+        self.error = error
+        self.downloads: list[tuple[str, str]] = []
+        self.submissions: list[tuple[str, str, str]] = []
+        self.reply = "Successfully submitted"
+
+    def competition_download_files(self, competition: str, path: str, quiet: bool = True) -> None:
+        if self.error:
+            raise self.error
+        self.downloads.append((competition, path))
+        Path(path, f"{competition}.zip").write_bytes(_zip_bytes(self.files))
+
+    def competition_submit(self, file_name: str, message: str, competition: str, quiet: bool = False):
+        if self.error:
+            raise self.error
+        self.submissions.append((file_name, message, competition))
+        return type("Response", (), {"message": self.reply})()
+
+
+def _http_error(status: int, text: str) -> requests.HTTPError:
+    response = requests.Response()
+    response.status_code = status
+    return requests.HTTPError(text, response=response)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "sample_submission.csv").write_bytes(_competition_files()["sample_submission.csv"])
+    return folder
+
+
+@pytest.fixture
+def history(tmp_path: Path) -> Path:
+    return tmp_path / "submissions" / "history.csv"
+
+
+def _history_rows(history: Path) -> list[dict[str, str]]:
+    with history.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _submission(history: Path, name: str = "run-a.csv", metadata: dict | None = None) -> Path:
+    return write_submission(IDS, [1, 0, 1], history.parent / name, metadata=metadata)
+
+
+def test_download_unpacks_and_is_idempotent(tmp_path: Path) -> None:
+    api = FakeKaggleApi()
+    target = tmp_path / "data"
+    written = download(COMPETITION, target, api=api)
+    assert sorted(p.name for p in written) == sorted(OUTER_FILES)
+    assert sorted(p.name for p in target.iterdir()) == sorted(OUTER_FILES)
+    assert zipfile.is_zipfile(target / "test_data.zip")  # inner image zips stay zipped
+    assert download(COMPETITION, target, api=api) == []
+    assert api.downloads == [(COMPETITION, str(target))]
+
+
+def test_download_keeps_files_already_there(tmp_path: Path) -> None:
+    (tmp_path / "train_labels.csv").write_text("mine")
+    written = download(COMPETITION, tmp_path, api=FakeKaggleApi())
+    assert (tmp_path / "train_labels.csv").read_text() == "mine"
+    assert "train_labels.csv" not in {p.name for p in written}
+
+
+def test_download_lists_missing_files(tmp_path: Path) -> None:
+    files = _competition_files()
+    del files["test_data.zip"], files["train_labels.csv"]
+    with pytest.raises(KaggleError, match="lacks test_data.zip, train_labels.csv or train_data.csv"):
+        download(COMPETITION, tmp_path, api=FakeKaggleApi(files))
+
+
+def test_download_network_failure_is_clear(tmp_path: Path) -> None:
+    api = FakeKaggleApi(error=_http_error(404, "Not Found"))
+    with pytest.raises(KaggleError, match="HTTP 404.*check the slug"):
+        download(COMPETITION, tmp_path, api=api)
+
+
+def test_dry_run_validates_logs_and_does_not_upload(data_dir: Path, history: Path) -> None:
+    meta = {"runs": ["r1", "r2"], "config": "configs/resnet.yaml", "val_acc": 0.97123, "tta": True}
+    file = _submission(history, metadata=meta)
+    api = FakeKaggleApi()
+    record = submit(file, None, COMPETITION, data_dir, dry_run=True, api=api, history=history)
+    assert api.submissions == []
+    assert record.message == "r1+r2 | config configs/resnet.yaml | val_acc 0.9712 | tta"
+    [row] = _history_rows(history)
+    assert row["result"] == "dry-run"
+    assert row["run"] == "r1+r2"
+    assert row["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
+
+
+def test_submit_defaults_to_newest_csv(data_dir: Path, history: Path) -> None:
+    old, new = _submission(history, "old.csv"), _submission(history, "new.csv")
+    os.utime(old, (2_000_000_000, 2_000_000_000))  # newer mtime despite being written first
+    os.utime(new, (1_000_000_000, 1_000_000_000))
+    api = FakeKaggleApi()
+    submit(None, None, COMPETITION, data_dir, api=api, history=history)
+    submit(None, "second", COMPETITION, data_dir, api=api, history=history)  # history.csv is now newest
+    assert api.submissions == [(str(old), "old.csv", COMPETITION), (str(old), "second", COMPETITION)]
+
+
+def test_history_is_appended_and_survives_a_rejection(data_dir: Path, history: Path) -> None:
+    file = _submission(history)
+    before = file.read_bytes()
+    submit(file, "first", COMPETITION, data_dir, api=FakeKaggleApi(), history=history)
+    rejecting = FakeKaggleApi(error=_http_error(429, "daily submission limit reached"))
+    with pytest.raises(KaggleError, match="not submitted.*logged in.*HTTP 429: daily submission limit reached"):
+        submit(file, "second", COMPETITION, data_dir, api=rejecting, history=history)
+    rows = _history_rows(history)
+    assert [(r["message"], r["result"][:11]) for r in rows] == [("first", "submitted"), ("second", "failed: HTT")]
+    assert file.read_bytes() == before
+
+
+def test_failed_upload_reply_is_a_failure(data_dir: Path, history: Path) -> None:
+    api = FakeKaggleApi()
+    api.reply = api.COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE
+    with pytest.raises(KaggleError, match="upload failed"):
+        submit(_submission(history), None, COMPETITION, data_dir, api=api, history=history)
+    assert _history_rows(history)[0]["result"].startswith("failed: upload failed")
+
+
+def test_invalid_csv_is_never_uploaded(data_dir: Path, history: Path) -> None:
+    file = write_submission(IDS[::-1], [0, 0, 0], history.parent / "reversed.csv")
+    api = FakeKaggleApi()
+    with pytest.raises(SubmissionError, match="line 2 has id 't3.png' but 't1.png' is expected"):
+        submit(file, None, COMPETITION, data_dir, api=api, history=history)
+    assert api.submissions == []
+    assert not history.exists()
+
+
+def test_submit_needs_the_sample_submission(tmp_path: Path, history: Path) -> None:
+    with pytest.raises(KaggleError, match="sample_submission.csv not found.*download"):
+        submit(_submission(history), None, COMPETITION, tmp_path, api=FakeKaggleApi(), history=history)
+
+
+def test_missing_credentials_are_logged_as_a_failure(
+    data_dir: Path, history: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_credentials() -> None:
+        raise KaggleError(leaderboard.CREDENTIALS_HELP)
+
+    monkeypatch.setattr(leaderboard, "connect", no_credentials)
+    with pytest.raises(KaggleError, match="KAGGLE_API_TOKEN"):
+        submit(_submission(history), None, COMPETITION, data_dir, history=history)
+    assert _history_rows(history)[0]["result"].startswith("failed: No usable Kaggle credentials")
+
+
+@pytest.fixture
+def fresh_kaggle_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A credential-free HOME, a dead proxy instead of the internet, and `kaggle` not yet imported."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN", "KAGGLE_CONFIG_DIR", "XDG_CONFIG_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    for name in [m for m in sys.modules if m == "kaggle" or m.startswith("kaggle.")]:
+        monkeypatch.delitem(sys.modules, name)
+    return home
+
+
+def test_real_client_without_credentials_gives_clear_error(
+    fresh_kaggle_import: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(KaggleError, match=r"KAGGLE_API_TOKEN.*~/\.kaggle/access_token.*kaggle\.json"):
+        connect()
+    assert capsys.readouterr().out == ""  # the client's own help text is replaced by ours
+
+
+def test_real_client_never_shows_the_token(
+    fresh_kaggle_import: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = "KGAT_not-a-real-token-0123456789"
+    monkeypatch.setenv("KAGGLE_API_TOKEN", secret)
+    with pytest.raises(KaggleError, match="Kaggle could not check the credentials: ProxyError") as caught:
+        connect()
+    captured = capsys.readouterr()
+    assert secret not in str(caught.value) + captured.out + captured.err
+
+
+@pytest.mark.parametrize("failure", ["raise SystemExit(1)", "raise OSError('Could not find kaggle.json')"])
+def test_client_failing_on_import_cannot_end_the_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    package = tmp_path / "site" / "kaggle"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(f"print('help text')\n{failure}\n")
+    monkeypatch.syspath_prepend(str(package.parent))
+    for name in [m for m in sys.modules if m == "kaggle" or m.startswith("kaggle.")]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(KaggleError, match="No usable Kaggle credentials"):
+        connect()
+
+
+def test_competition_slug_comes_from_config(tmp_path: Path) -> None:
+    assert default_competition() == "fighting-malaria-with-cnns"
+    broken = tmp_path / "kaggle.yaml"
+    broken.write_text("other: 1\n")
+    with pytest.raises(KaggleError, match="competition: <kaggle slug>"):
+        default_competition(broken)
+
+
+def test_cli_dry_run_and_error_exit(
+    data_dir: Path, history: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file = _submission(history)
+    common = ["--competition", COMPETITION, "--data-dir", str(data_dir), "--history", str(history)]
+    assert main(["submit", "--dry-run", "--file", str(file), *common]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.startswith(f"dry-run: {file} -> {COMPETITION}")
+    assert main(["submit", "--dry-run", "--file", str(history.parent / "missing.csv"), *common]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "file not found" in err and "Traceback" not in err
+    assert len(_history_rows(history)) == 1
+
+
+def test_history_with_a_foreign_header_is_left_alone(data_dir: Path, history: Path) -> None:
+    file = _submission(history)
+    history.write_text("date,score\n2024-01-01,0.9\n")
+    with pytest.raises(KaggleError, match="line 1 is not 'time,file,sha256,run,message,result'"):
+        submit(file, None, COMPETITION, data_dir, dry_run=True, history=history)
+    assert history.read_text() == "date,score\n2024-01-01,0.9\n"
+
+
+def test_cli_download_and_submit_through_the_client(
+    tmp_path: Path, history: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    api = FakeKaggleApi()
+    monkeypatch.setattr(leaderboard, "connect", lambda: api)
+    data = tmp_path / "data"
+    assert main(["download", "--competition", COMPETITION, "--data-dir", str(data)]) == 0
+    assert capsys.readouterr().out == f"{COMPETITION}: unpacked 4 files into {data}/\n"
+    file = _submission(history)
+    common = ["--competition", COMPETITION, "--data-dir", str(data), "--history", str(history)]
+    assert main(["submit", "--file", str(file), "--message", "cli", *common]) == 0
+    assert capsys.readouterr().out.startswith(f"submitted: {file} -> {COMPETITION} ('cli')")
+    assert api.submissions == [(str(file), "cli", COMPETITION)]
+    assert sorted(p.name for p in history.parent.iterdir()) == ["history.csv", "run-a.csv"]  # no temp files left
