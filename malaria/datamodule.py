@@ -1,0 +1,165 @@
+"""The LightningDataModule: competition files in, batches of uint8 images out."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+
+import albumentations as A
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from malaria import archive, cache, splits
+from malaria.transforms import Augment, train_transform
+
+log = logging.getLogger(__name__)
+
+DEMO_SUBDIR = "demo"
+
+
+class CellDataset(Dataset):
+    """Images from a memory-mapped cache, as (uint8 CHW image, float label, row index).
+
+    The cache is opened lazily in each process: a memmap pickled into a worker would be copied."""
+
+    def __init__(self, cache_path: Path, rows: np.ndarray, labels: np.ndarray | None,
+                 transform: A.Compose | None = None) -> None:
+        self.cache_path = cache_path
+        self.rows = rows
+        self.labels = labels
+        self.transform = transform
+        self._images: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        if self._images is None:
+            self._images = np.load(self.cache_path, mmap_mode="r")
+        row = int(self.rows[i])
+        image = np.asarray(self._images[row])
+        if self.transform is not None:
+            image = self.transform(image=image)["image"]
+        label = float(self.labels[row]) if self.labels is not None else -1.0
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), torch.tensor(label), row
+
+
+def default_workers() -> int:
+    """Half the cores: the other half feed the model's own threads on a CPU machine."""
+    return min(8, max(1, (os.cpu_count() or 2) // 2))
+
+
+class MalariaDataModule(L.LightningDataModule):
+    """Reads train_data.zip + train_labels.csv and test_data.zip from `data_dir`.
+
+    With no competition files there and `demo` on, it generates a small synthetic competition in
+    `data_dir/demo` so a fresh clone trains end to end, and says so loudly."""
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        image_size: int = 64,
+        val_fraction: float = 0.2,
+        fold: int = 0,
+        seed: int = 42,
+        batch_size: int = 128,
+        num_workers: int | None = None,
+        augment: Augment | None = None,
+        cache_dir: str | None = None,
+        demo: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.data_dir = Path(data_dir)
+        self.augment = augment or Augment()
+        self.num_workers = default_workers() if num_workers is None else num_workers
+        self.train_table: archive.ImageTable | None = None
+        self.test_table: archive.ImageTable | None = None
+        self.train_rows = self.val_rows = np.empty(0, dtype=np.int64)
+
+    @property
+    def source_dir(self) -> Path:
+        """Where the competition files are read from: data_dir, or its demo folder."""
+        if archive.has_competition(self.data_dir) or not self.hparams.demo:
+            return self.data_dir
+        return self.data_dir / DEMO_SUBDIR
+
+    @property
+    def cache_dir(self) -> Path:
+        """Next to the data, unless that folder is read-only: then in the project's .cache/."""
+        if self.hparams.cache_dir:
+            return Path(self.hparams.cache_dir)
+        source = self.source_dir
+        # Mode bits, not os.access: root may write anywhere, but a read-only folder means "don't".
+        if source.stat().st_mode & stat.S_IWUSR:
+            return source / ".cache"
+        return Path(".cache") / source.resolve().name
+
+    def prepare_data(self) -> None:
+        """Make demo data if needed and build the decode caches; runs on one process only."""
+        if self.source_dir != self.data_dir:
+            self._make_demo()
+        elif not archive.has_competition(self.data_dir):
+            raise archive.DataError(
+                f"{self.data_dir} holds no train_data.zip + train_labels.csv; run `make data` or set data.demo: true."
+            )
+        source = self.source_dir
+        cache.build(archive.load_train(source), self.hparams.image_size, self.cache_dir, "train")
+        if (source / archive.TEST_ZIP).exists():
+            cache.build(archive.load_test(source), self.hparams.image_size, self.cache_dir, "test")
+
+    def _make_demo(self) -> None:
+        from malaria.demo import make_demo_competition
+
+        log.warning(
+            "\n%s\nNo competition files in %s: training on SYNTHETIC DEMO DATA in %s.\n"
+            "For the real competition put train_data.zip, train_labels.csv and test_data.zip in %s\n"
+            "(`make data` downloads them with your Kaggle credentials).\n%s",
+            "=" * 78, self.data_dir, self.source_dir, self.data_dir, "=" * 78,
+        )
+        make_demo_competition(self.source_dir)
+
+    def setup(self, stage: str) -> None:
+        source = self.source_dir
+        size = self.hparams.image_size
+        if stage in ("fit", "validate") and self.train_table is None:
+            self.train_table = archive.load_train(source)
+            self.train_rows, self.val_rows = splits.holdout(
+                self.train_table.labels, self.train_table.ids, self.hparams.val_fraction, self.hparams.seed,
+                self.hparams.fold,
+            )
+            self.train_cache = cache.build(self.train_table, size, self.cache_dir, "train")
+        if stage in ("test", "predict") and self.test_table is None:
+            self.test_table = archive.load_test(source)
+            self.test_cache = cache.build(self.test_table, size, self.cache_dir, "test")
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(dataset) > self.hparams.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        labels = self.train_table.labels
+        dataset = CellDataset(self.train_cache, self.train_rows, labels, train_transform(self.augment))
+        return self._loader(dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(CellDataset(self.train_cache, self.val_rows, self.train_table.labels), shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        rows = np.arange(len(self.test_table))
+        return self._loader(CellDataset(self.test_cache, rows, None), shuffle=False)
+
+    @property
+    def test_ids(self) -> list[str]:
+        return self.test_table.ids

@@ -1,0 +1,137 @@
+"""The LightningModule: a timm-interface network, one shared step, binary metrics."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import timm
+from timm.optim import create_optimizer_v2
+import torch
+from torch import nn
+from torchmetrics import MaxMetric, MetricCollection
+from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score
+
+from malaria.models import create_model
+from malaria.transforms import dihedral_views, random_dihedral
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, floor: float = 0.01):
+    """LR factor: linear warm-up, then cosine decay to `floor` of the base LR."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class MalariaClassifier(L.LightningModule):
+    """Binary classifier (1 = parasitized) around any `timm.create_model` network.
+
+    Batches arrive as uint8 images; they are normalised here, on the model's device, with the
+    network's own pretrained mean and std, so the DataLoader moves 4x fewer bytes."""
+
+    def __init__(
+        self,
+        model: str = "malaria_cnn",
+        pretrained: bool = False,
+        pretrained_file: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        lr: float = 3e-3,
+        weight_decay: float = 0.05,
+        warmup_epochs: float = 1.0,
+        label_smoothing: float = 0.0,
+        batch_dihedral: bool = False,
+        tta: bool = False,
+        channels_last: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = create_model(model, pretrained=pretrained, pretrained_file=pretrained_file,
+                                **(model_kwargs or {}))
+        data_config = timm.data.resolve_model_data_config(self.net)
+        self.register_buffer("mean", torch.tensor(data_config["mean"]).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(data_config["std"]).view(1, 3, 1, 1) * 255, persistent=False)
+        self.criterion = nn.BCEWithLogitsLoss()
+        metrics = MetricCollection({"acc": BinaryAccuracy(), "f1": BinaryF1Score(), "auroc": BinaryAUROC()})
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+        self.val_acc_best = MaxMetric()
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits, one per image, for normalised float images."""
+        return self.net(images).squeeze(1)
+
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        images, labels, rows = batch
+        images = (images.float() - self.mean) / self.std
+        if self.hparams.batch_dihedral and self.trainer.training:
+            images = random_dihedral(images)
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, labels, rows
+
+    def model_step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images, labels, _ = batch
+        logits = self(images)
+        smoothing = self.hparams.label_smoothing
+        loss = self.criterion(logits, labels * (1 - smoothing) + 0.5 * smoothing)
+        return loss, torch.sigmoid(logits), labels.long()
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss, probs, labels = self.model_step(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"Training loss became {loss.item()} at epoch {self.current_epoch}, step {self.global_step}. "
+                "Stopping before a broken checkpoint is saved; lower model.lr or check the input images."
+            )
+        self.train_metrics.update(probs, labels)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
+        return loss
+
+    def on_train_start(self) -> None:
+        # The sanity check's few batches must not count as the best accuracy.
+        self.val_acc_best.reset()
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        loss, probs, labels = self.model_step(batch)
+        self.val_metrics.update(probs, labels)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True)
+        self.log_dict(self.val_metrics, on_epoch=True, prog_bar=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self.val_acc_best(self.val_metrics["acc"].compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        loss, probs, labels = self.model_step(batch)
+        self.test_metrics.update(probs, labels)
+        self.log("test/loss", loss, on_epoch=True)
+        self.log_dict(self.test_metrics, on_epoch=True)
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Probability of parasitized per image, averaged over the 8 dihedral views with `tta`."""
+        images, _, rows = batch
+        views = dihedral_views(images) if self.hparams.tta else [images]
+        probs = torch.stack([torch.sigmoid(self(v)) for v in views]).mean(0)
+        return {"rows": rows, "probs": probs.float()}
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        # timm's factory skips frozen parameters and exempts norms and biases from weight decay.
+        optimizer = create_optimizer_v2(
+            self.net, "adamw", lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+        total = self.trainer.estimated_stepping_batches
+        warmup = int(self.hparams.warmup_epochs * total / max(1, self.trainer.max_epochs))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

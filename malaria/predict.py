@@ -1,0 +1,89 @@
+"""Predict the test set with one run, or an ensemble of runs, and write a submission CSV.
+
+    python -m malaria.predict                       # the latest run's best checkpoint
+    python -m malaria.predict --run runs/a runs/b   # average the probabilities of several runs
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from malaria import runs
+from malaria.datamodule import MalariaDataModule
+from malaria.module import MalariaClassifier
+from malaria.submit import default_submission_path, write_submission
+from malaria.train import default_precision
+
+
+def predict_checkpoint(checkpoint: Path, data_dir: str | None = None, tta: bool | None = None) -> tuple[list[str], np.ndarray]:
+    """Test ids and their probabilities of parasitized, from one checkpoint.
+
+    The data settings (image size, cache) come from the checkpoint, so the test images are
+    prepared exactly as the validation images were."""
+    model = MalariaClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False)
+    if tta is not None:
+        model.hparams.tta = tta
+    overrides = {"data_dir": data_dir} if data_dir else {}
+    datamodule = MalariaDataModule.load_from_checkpoint(checkpoint, weights_only=False, **overrides)
+    trainer = L.Trainer(accelerator="auto", devices=1, precision=default_precision(), logger=False,
+                        enable_checkpointing=False, enable_model_summary=False)
+    outputs = trainer.predict(model, datamodule=datamodule)
+    rows = torch.cat([o["rows"] for o in outputs]).numpy()
+    probs = np.empty(len(datamodule.test_ids), dtype=np.float64)
+    probs[rows] = torch.cat([o["probs"] for o in outputs]).numpy()
+    return datamodule.test_ids, probs
+
+
+def ensemble(checkpoints: Sequence[Path], data_dir: str | None, tta: bool | None) -> tuple[list[str], np.ndarray]:
+    """The mean probability over several checkpoints."""
+    ids, total = None, None
+    for checkpoint in checkpoints:
+        these_ids, probs = predict_checkpoint(checkpoint, data_dir, tta)
+        if ids is not None and these_ids != ids:
+            raise ValueError(f"{checkpoint} predicts a different test set than {checkpoints[0]}.")
+        ids, total = these_ids, probs if total is None else total + probs
+    return ids, total / len(checkpoints)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", nargs="*", type=Path, default=None,
+                        help="run directories (default: the latest run in runs/)")
+    parser.add_argument("--data-dir", default=None, help="competition folder (default: the run's own)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="submission path (default: submissions/<run>-<time>.csv)")
+    tta = parser.add_mutually_exclusive_group()
+    tta.add_argument("--tta", dest="tta", action="store_true", default=None, help="average the 8 dihedral views")
+    tta.add_argument("--no-tta", dest="tta", action="store_false")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    args = _parser().parse_args(argv)
+    run_dirs = args.run or [runs.latest_run()]
+    checkpoints = [runs.best_checkpoint(r) for r in run_dirs]
+    ids, probs = ensemble(checkpoints, args.data_dir, args.tta)
+    name = "+".join(r.name for r in run_dirs)
+    out = args.out or default_submission_path(name)
+    summaries = [runs.read_summary(r) for r in run_dirs]
+    accuracies = [s["best_val_acc"] for s in summaries if s.get("best_val_acc") is not None]
+    metadata = {
+        "runs": [r.name for r in run_dirs],
+        "checkpoints": [str(c) for c in checkpoints],
+        "config": ", ".join(str(r / "config.yaml") for r in run_dirs),
+        "val_acc": float(np.mean(accuracies)) if accuracies else None,
+        "tta": args.tta,
+    }
+    write_submission(ids, (probs >= 0.5).astype(np.int64), out, metadata=metadata)
+    print(f"Wrote {out} ({len(ids)} rows, {int((probs >= 0.5).sum())} predicted parasitized)")
+    return out
+
+
+if __name__ == "__main__":
+    main()

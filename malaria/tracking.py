@@ -1,0 +1,77 @@
+"""Experiment loggers: a CSV file always, Weights & Biases when it is not switched off.
+
+W&B runs offline unless the user has an API key, so training never needs the network; an
+offline run is uploaded later with `wandb sync runs/<name>/wandb/offline-run-*`.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import netrc
+import os
+from pathlib import Path
+
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "online", "offline", "disabled")
+
+
+def has_wandb_key() -> bool:
+    """An API key in the environment or in ~/.netrc (where `wandb login` puts it)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_mode(mode: str) -> str:
+    """`auto` becomes online with a key and offline without; WANDB_MODE overrides the config."""
+    mode = os.environ.get("WANDB_MODE", mode)
+    if mode not in MODES:
+        raise ValueError(f"wandb mode must be one of {MODES}, got {mode!r}")
+    if mode == "auto":
+        mode = "online" if has_wandb_key() else "offline"
+        if mode == "offline":
+            log.warning("W&B: no API key found, logging offline (sync later with `wandb sync`). "
+                        "Set WANDB_MODE=disabled to turn it off.")
+    return mode
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's writer deletes an existing metrics.csv; a resumed run appends to it instead."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = next(csv.reader(file), [])
+
+
+class ResumableCSVLogger(CSVLogger):
+    """CSVLogger that keeps the metrics of the epochs before an interruption."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def make_loggers(run_dir: Path, run_name: str, wandb_mode: str, project: str) -> list[Logger]:
+    """CSV metrics in run_dir/metrics.csv, plus a W&B run named and identified like the run dir."""
+    loggers: list[Logger] = [ResumableCSVLogger(save_dir=run_dir, name="", version="")]
+    mode = resolve_mode(wandb_mode)
+    if mode != "disabled":
+        loggers.append(WandbLogger(
+            name=run_name, id=run_name, project=project, save_dir=str(run_dir), offline=mode == "offline",
+            resume="allow", log_model=mode == "online",
+        ))
+    return loggers

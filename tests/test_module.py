@@ -1,0 +1,45 @@
+import torch
+
+from malaria.module import MalariaClassifier, warmup_cosine
+from malaria.transforms import dihedral_views, random_dihedral
+
+
+def _batch(n: int = 4, size: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8)
+    return images, torch.tensor([0.0, 1.0] * (n // 2)), torch.arange(n)
+
+
+def test_dihedral_views_are_the_eight_distinct_symmetries() -> None:
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    views = dihedral_views(x)
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 8
+
+
+def test_random_dihedral_keeps_each_image_content() -> None:
+    x = torch.rand(16, 3, 8, 8)
+    out = random_dihedral(x)
+    for a, b in zip(x, out):
+        assert torch.isclose(a.sum(), b.sum()) and any(torch.equal(v[0], b) for v in dihedral_views(a[None]))
+
+
+def test_batches_are_normalised_on_device_with_the_backbone_stats() -> None:
+    model = MalariaClassifier(model_kwargs={"widths": (8, 16)})
+    images, labels, rows = model.on_after_batch_transfer(_batch(), 0)
+    assert images.dtype == torch.float32
+    assert -3 < images.min() < -1 and 1 < images.max() < 3  # (x/255 - 0.5) / 0.25
+
+
+def test_shared_step_and_tta_prediction() -> None:
+    model = MalariaClassifier(model_kwargs={"widths": (8, 16)}, tta=True, label_smoothing=0.1).eval()
+    batch = model.on_after_batch_transfer(_batch(), 0)
+    loss, probs, labels = model.model_step(batch)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    out = model.predict_step(batch, 0)
+    assert out["probs"].shape == (4,) and ((out["probs"] >= 0) & (out["probs"] <= 1)).all()
+    assert torch.equal(out["rows"], torch.arange(4))
+
+
+def test_warmup_cosine_schedule() -> None:
+    factor = warmup_cosine(10, 100)
+    assert factor(0) == 0.1 and factor(9) == 1.0
+    assert factor(55) < factor(20) and abs(factor(100) - 0.01) < 1e-9

@@ -1,0 +1,81 @@
+"""End to end on generated demo data: train, then predict a valid submission."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from malaria import predict, train
+from malaria.submit import validate_submission
+
+TINY = [
+    "--config", "configs/default.yaml",
+    "--trainer.max_epochs", "1",
+    "--trainer.enable_model_summary", "false",
+    "--data.image_size", "32",
+    "--data.batch_size", "16",
+    "--data.num_workers", "0",
+    "--model.model_kwargs", '{"widths": [8, 16, 32]}',
+]
+
+
+def fit(data_dir: Path, runs_dir: Path, *extra: str) -> train.MalariaCLI:
+    return train.main(["fit", *TINY, "--data.data_dir", str(data_dir), "--runs_dir", str(runs_dir), *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    runs_dir = tmp_path_factory.mktemp("runs")
+    fit(demo_dir, runs_dir, "--run", "tiny", "--trainer.max_epochs", "2")
+    return runs_dir / "tiny"
+
+
+def test_run_directory_holds_everything(trained: Path) -> None:
+    for name in ("config.yaml", "metrics.csv", "summary.json", "environment.json",
+                 "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
+        assert (trained / name).exists(), name
+    summary = json.loads((trained / "summary.json").read_text())
+    assert 0 <= summary["best_val_acc"] <= 1 and summary["epochs"] == 2
+    metrics = pd.read_csv(trained / "metrics.csv")
+    assert {"train/loss_epoch", "val/acc", "val/f1", "val/auroc", "val/acc_best"} <= set(metrics.columns)
+    assert json.loads((trained / "environment.json").read_text())["packages"]["torch"] == torch.__version__.split("+")[0]
+
+
+def test_predict_writes_a_valid_submission_and_never_overwrites(trained: Path, demo_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sub.csv"
+    predict.main(["--run", str(trained), "--data-dir", str(demo_dir), "--out", str(out)])
+    sample = pd.read_csv(demo_dir / "sample_submission.csv")
+    table = validate_submission(out, sample["img_name"].tolist())
+    assert len(table) == len(sample)
+    assert json.loads(out.with_name(out.name + ".json").read_text())["runs"] == ["tiny"]
+    before = out.read_bytes()
+    with pytest.raises(FileExistsError):
+        predict.main(["--run", str(trained), "--data-dir", str(demo_dir), "--out", str(out)])
+    assert out.read_bytes() == before
+
+
+def test_an_existing_run_is_never_overwritten(trained: Path) -> None:
+    best = (trained / "checkpoints" / "best.ckpt").read_bytes()
+    with pytest.raises(SystemExit, match="RESUME"):
+        fit(Path("unused"), trained.parent, "--run", "tiny")
+    assert (trained / "checkpoints" / "best.ckpt").read_bytes() == best
+
+
+def test_resume_continues_from_last_checkpoint(trained: Path, tmp_path: Path) -> None:
+    run = tmp_path / "tiny"
+    shutil.copytree(trained, run)
+    train.main(["fit", "--config", str(run / "config.yaml"), "--runs_dir", str(tmp_path),
+                "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--trainer.max_epochs", "3"])
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert sorted(metrics["epoch"].dropna().unique().astype(int).tolist()) == [0, 1, 2]
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 3
+
+
+def test_missing_data_without_demo_is_a_clear_error(tmp_path: Path) -> None:
+    from malaria.archive import DataError
+
+    with pytest.raises(DataError, match="no train_data.zip"):
+        fit(tmp_path / "empty", tmp_path / "runs", "--data.demo", "false")
