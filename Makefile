@@ -5,12 +5,14 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/default.yaml
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install train predict submit data test bench clean-cache help
+.PHONY: install train predict cv lr-find submit data report test bench clean-cache help
 
 help:
 	@echo "make train    [DATA_DIR=data] [CONFIG=configs/<recipe>.yaml] [EPOCHS=N] [ARGS='--model.lr=1e-3'] [RESUME=runs/<run>]"
 	@echo "make predict  [DATA_DIR=data] [RUN='runs/a runs/b'] [OUT=path.csv]"
 	@echo "make submit   [FILE=submissions/x.csv] [MESSAGE='...'] [DRY_RUN=1]"
+	@echo "make cv       [K=5] [CONFIG=...] [DATA_DIR=...] [EPOCHS=N] [ARGS=...]   slide-grouped cross-validation"
+	@echo "make lr-find  [CONFIG=...] [DATA_DIR=...]  learning-rate range test"
 	@echo "make data     [COMPETITION=<slug>]     download the competition into data/"
 	@echo "make test | make bench | make install"
 
@@ -33,6 +35,20 @@ train: install
 
 predict: install
 	$(PY) -m malaria.predict $(if $(RUN),--run $(RUN)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(OUT),--out $(OUT))
+
+cv: install
+	$(PY) -m malaria.cv --k $(or $(K),5) --config $(CONFIG) $(if $(DATA_DIR),--data.data_dir $(DATA_DIR)) \
+		$(if $(EPOCHS),--trainer.max_epochs $(EPOCHS)) $(ARGS)
+
+lr-find: install
+	$(PY) -m malaria.lr_find --config $(CONFIG) $(if $(DATA_DIR),--data.data_dir $(DATA_DIR)) $(ARGS)
+
+data: install
+	$(PY) -m malaria.leaderboard download $(if $(COMPETITION),--competition $(COMPETITION)) --data-dir $(or $(DATA_DIR),data)
+
+submit: install
+	$(PY) -m malaria.leaderboard submit $(if $(FILE),--file $(FILE)) $(if $(MESSAGE),--message "$(MESSAGE)") \
+		$(if $(DRY_RUN),--dry-run) $(if $(COMPETITION),--competition $(COMPETITION)) --data-dir $(or $(DATA_DIR),data)
 
 test: install
 	$(PY) -m pytest

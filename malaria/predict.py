@@ -21,23 +21,43 @@ from malaria.submit import default_submission_path, write_submission
 from malaria.train import default_precision
 
 
-def predict_checkpoint(checkpoint: Path, data_dir: str | None = None, tta: bool | None = None) -> tuple[list[str], np.ndarray]:
-    """Test ids and their probabilities of parasitized, from one checkpoint.
+def load(checkpoint: Path, data_dir: str | None = None, tta: bool | None = None,
+         ) -> tuple[MalariaClassifier, MalariaDataModule]:
+    """The model and its datamodule from a checkpoint.
 
-    The data settings (image size, cache) come from the checkpoint, so the test images are
-    prepared exactly as the validation images were."""
+    The data settings (image size, split, cache) come from the checkpoint, so images are
+    prepared exactly as in training."""
     model = MalariaClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False)
     if tta is not None:
         model.hparams.tta = tta
     overrides = {"data_dir": data_dir} if data_dir else {}
     datamodule = MalariaDataModule.load_from_checkpoint(checkpoint, weights_only=False, **overrides)
+    return model, datamodule
+
+
+def predict_split(model: MalariaClassifier, datamodule: MalariaDataModule, split: str = "test",
+                  ) -> tuple[list[str], np.ndarray, np.ndarray | None]:
+    """Ids, probabilities of parasitized and labels (None for test) of the test or validation split."""
+    datamodule.prepare_data()
+    datamodule.setup("predict" if split == "test" else "validate")
+    if split == "test":
+        table, rows, loader = datamodule.test_table, np.arange(len(datamodule.test_table)), datamodule.predict_dataloader()
+    else:
+        table, rows, loader = datamodule.train_table, datamodule.val_rows, datamodule.val_dataloader()
     trainer = L.Trainer(accelerator="auto", devices=1, precision=default_precision(), logger=False,
                         enable_checkpointing=False, enable_model_summary=False)
-    outputs = trainer.predict(model, datamodule=datamodule)
-    rows = torch.cat([o["rows"] for o in outputs]).numpy()
-    probs = np.empty(len(datamodule.test_ids), dtype=np.float64)
-    probs[rows] = torch.cat([o["probs"] for o in outputs]).numpy()
-    return datamodule.test_ids, probs
+    outputs = trainer.predict(model, dataloaders=loader)
+    by_row = np.full(len(table), np.nan)
+    by_row[torch.cat([o["rows"] for o in outputs]).numpy()] = torch.cat([o["probs"] for o in outputs]).numpy()
+    labels = None if table.labels is None else table.labels[rows]
+    return [table.ids[r] for r in rows], by_row[rows], labels
+
+
+def predict_checkpoint(checkpoint: Path, data_dir: str | None = None, tta: bool | None = None,
+                       ) -> tuple[list[str], np.ndarray]:
+    """Test ids and their probabilities of parasitized, from one checkpoint."""
+    ids, probs, _ = predict_split(*load(checkpoint, data_dir, tta), split="test")
+    return ids, probs
 
 
 def ensemble(checkpoints: Sequence[Path], data_dir: str | None, tta: bool | None) -> tuple[list[str], np.ndarray]:

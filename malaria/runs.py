@@ -15,10 +15,10 @@ RUNS_DIR = Path("runs")
 PACKAGES = ("torch", "torchvision", "lightning", "timm", "albumentations", "torchmetrics", "numpy", "wandb")
 
 
-def new_run_name(config_path: str | None) -> str:
-    """`<recipe>-<YYYYmmdd-HHMMSS>`, e.g. `default-20261122-221500`."""
+def new_run_name(config_path: str | None, tag: str = "") -> str:
+    """`<recipe>[-<tag>]-<YYYYmmdd-HHMMSS>`, e.g. `default-20261122-221500`."""
     recipe = Path(config_path).stem if config_path else "run"
-    return f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return "-".join(filter(None, [recipe, tag, time.strftime("%Y%m%d-%H%M%S")]))
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

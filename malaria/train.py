@@ -35,8 +35,13 @@ class MalariaCLI(LightningCLI):
         parser.add_argument("--wandb.mode", type=str, default="auto", help=f"One of {MODES}.")
         parser.add_argument("--wandb.project", type=str, default="malaria")
 
+    @property
+    def run_config(self):
+        """This subcommand's settings (the whole config when built with run=False)."""
+        return self.config[self.subcommand] if self.subcommand else self.config
+
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
+        config = self.run_config
         if not config.run:
             config_files = config.get("config") or []
             config.run = runs.new_run_name(str(config_files[0]) if config_files else None)
@@ -50,7 +55,7 @@ class MalariaCLI(LightningCLI):
         self.run_dir = run_dir
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
-        config = self.config[self.subcommand]
+        config = self.run_config
         loggers = make_loggers(self.run_dir, config.run, config.wandb.mode, config.wandb.project)
         return super().instantiate_trainer(logger=loggers, **kwargs)
 
@@ -63,7 +68,7 @@ class MalariaCLI(LightningCLI):
         checkpoint = self.trainer.checkpoint_callback
         score = checkpoint.best_model_score if checkpoint else None
         summary = {
-            "run": self.config[self.subcommand].run,
+            "run": self.run_config.run,
             "config": str(self.run_dir / "config.yaml"),
             "best_checkpoint": checkpoint.best_model_path if checkpoint else None,
             "best_val_acc": float(score) if score is not None else None,
@@ -75,12 +80,14 @@ class MalariaCLI(LightningCLI):
             print(f"Run {summary['run']}: best val/acc {summary['best_val_acc']} -> {summary['best_checkpoint']}")
 
 
-def main(args: list[str] | None = None) -> MalariaCLI:
+def main(args: list[str] | None = None, run: bool = True) -> MalariaCLI:
+    """Train from a recipe; with `run=False`, only build the model, data and trainer from it."""
     return MalariaCLI(
         MalariaClassifier,
         MalariaDataModule,
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
 
 

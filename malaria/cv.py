@@ -1,0 +1,77 @@
+"""K-fold cross-validation grouped by slide: `python -m malaria.cv --k 5 [training overrides]`.
+
+Each fold is an ordinary run (`runs/<name>-fold<i>/`), so its checkpoint can join an ensemble:
+`make predict RUN="runs/<name>-fold0 runs/<name>-fold1 ..."`. Out-of-fold probabilities land in
+`runs/<name>-oof.csv` and the per-fold table in `runs/<name>-cv.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.console import Console
+from rich.table import Table
+from torchmetrics.functional.classification import binary_accuracy, binary_auroc, binary_f1_score
+
+from malaria import runs, train
+from malaria.predict import load, predict_split
+
+
+def fold_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    p, y = torch.as_tensor(probs), torch.as_tensor(labels)
+    return {"acc": binary_accuracy(p, y).item(), "f1": binary_f1_score(p, y).item(), "auroc": binary_auroc(p, y).item()}
+
+
+def run_fold(config: str, k: int, fold: int, name: str, runs_dir: Path, overrides: Sequence[str]) -> Path:
+    """Train one fold as its own run; an already finished fold is reused, so a CV resumes."""
+    run_dir = runs_dir / f"{name}-fold{fold}"
+    if not (run_dir / "summary.json").exists():
+        train.main(["fit", "--config", config, "--data.val_fraction", str(1 / k), "--data.fold", str(fold),
+                    "--run", run_dir.name, "--runs_dir", str(runs_dir), *overrides])
+    return run_dir
+
+
+def summarise(per_fold: pd.DataFrame) -> Table:
+    table = Table(title="Slide-grouped cross-validation")
+    for column in ("fold", "images", "acc", "f1", "auroc"):
+        table.add_column(column, justify="right")
+    for row in per_fold.itertuples():
+        table.add_row(str(row.fold), str(row.images), f"{row.acc:.4f}", f"{row.f1:.4f}", f"{row.auroc:.4f}")
+    mean, std = per_fold.mean(numeric_only=True), per_fold.std(numeric_only=True)
+    table.add_row("mean ± std", "", *(f"{mean[m]:.4f} ± {std[m]:.4f}" for m in ("acc", "f1", "auroc")))
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/default.yaml")
+    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--name", default=None, help="runs are <name>-fold<i> (default: <recipe>-cv<k>-<time>)")
+    parser.add_argument("--runs-dir", type=Path, default=runs.RUNS_DIR)
+    # Anything else is a training override, e.g. --data.data_dir data --trainer.max_epochs 5.
+    args, overrides = parser.parse_known_args(argv)
+    name = args.name or runs.new_run_name(args.config, tag=f"cv{args.k}")
+
+    rows, oof = [], []
+    for fold in range(args.k):
+        run_dir = run_fold(args.config, args.k, fold, name, args.runs_dir, overrides)
+        ids, probs, labels = predict_split(*load(runs.best_checkpoint(run_dir)), split="val")
+        rows.append({"fold": fold, "images": len(ids), **fold_metrics(probs, labels)})
+        oof.append(pd.DataFrame({"img_name": ids, "label": labels, "prob": probs, "fold": fold}))
+
+    per_fold = pd.DataFrame(rows)
+    pd.concat(oof).to_csv(args.runs_dir / f"{name}-oof.csv", index=False)
+    summary = {"name": name, "k": args.k, "folds": rows,
+               "mean": per_fold.mean(numeric_only=True).to_dict(), "std": per_fold.std(numeric_only=True).to_dict()}
+    runs.write_json(args.runs_dir / f"{name}-cv.json", summary)
+    Console().print(summarise(per_fold))
+    return per_fold
+
+
+if __name__ == "__main__":
+    main()
