@@ -21,8 +21,8 @@ import shutil
 import sys
 import zipfile
 from dataclasses import astuple, dataclass, fields
-from functools import partial
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -30,13 +30,8 @@ import requests
 import yaml
 
 from malaria.archive import LABEL_CSVS, SAMPLE_SUBMISSION, TEST_ZIP, TRAIN_ZIP
-from malaria.submit import (
-    SubmissionError,
-    read_sample_submission,
-    sidecar_path,
-    stage_file,
-    validate_submission,
-)
+from malaria.atomic import replace_file, stage_file
+from malaria.submit import SubmissionError, read_sample_submission, sidecar_path, validate_submission
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "kaggle.yaml"
 HISTORY = Path("submissions/history.csv")
@@ -233,7 +228,7 @@ def append_history(history: Path, record: SubmissionRecord) -> None:
         writer.writerow(HISTORY_COLUMNS)
     writer.writerow(astuple(record))
     separator = "" if not old or old.endswith("\n") else "\n"
-    os.replace(stage_file(history, lambda f: f.write(old + separator + rows.getvalue())), history)
+    replace_file(history, lambda f: f.write(old + separator + rows.getvalue()))
 
 
 def submit(

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from malaria import atomic
 
 RUNS_DIR = Path("runs")
 PACKAGES = ("torch", "torchvision", "lightning", "timm", "albumentations", "torchmetrics", "numpy", "wandb")
@@ -22,10 +23,7 @@ def new_run_name(config_path: str | None, tag: str = "") -> str:
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON atomically: a crash leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
 def git_commit() -> str | None:

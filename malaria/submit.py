@@ -11,16 +11,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path, PurePath
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from malaria.archive import SAMPLE_SUBMISSION
+from malaria.atomic import stage_file
 
 HEADER = ("img_name", "label")
 LABELS = ("0", "1")
@@ -78,39 +78,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, PurePath):
         return str(value)
     raise TypeError(f"metadata value {value!r} of type {type(value).__name__} is not JSON serialisable")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def stage_file(path: Path, write: Callable[[IO], object], binary: bool = False) -> Path:
-    """Write a temp file next to `path` with `write(handle)` and return its name, for an atomic rename.
-
-    The temp file gets the permissions a plain new file would (mkstemp's are owner-only), and is
-    removed if writing fails.
-    """
-    handle = tempfile.NamedTemporaryFile(
-        "wb" if binary else "w",
-        encoding=None if binary else "utf-8",
-        newline=None if binary else "",
-        dir=path.parent,
-        prefix=f".{path.name}.",
-        suffix=".tmp",
-        delete=False,
-    )
-    try:
-        with handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(handle.name, 0o666 & ~_umask())
-    except BaseException:
-        os.unlink(handle.name)
-        raise
-    return Path(handle.name)
 
 
 def _publish(staged: Path, path: Path) -> None:
