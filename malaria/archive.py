@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import zipfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -76,6 +77,9 @@ def list_images(zip_path: Path) -> dict[str, str]:
     if not images:
         raise DataError(f"{zip_path}: the archive holds no PNG images.")
 
+    twice = sorted(m for m, n in Counter(images).items() if n > 1)
+    if twice:
+        raise DataError(f"{zip_path}: members stored twice: {_listing(twice)}; re-create the archive.")
     by_name: dict[str, str] = {}
     clashes: list[str] = []
     for member in sorted(images):
@@ -89,22 +93,33 @@ def list_images(zip_path: Path) -> dict[str, str]:
 
 
 def read_id_csv(csv_path: Path, with_labels: bool) -> pd.DataFrame:
-    """Read an `img_name,label` CSV (`id` accepted for `img_name`), checking ids and labels."""
+    """Read an `img_name,label` CSV (`id` accepted for `img_name`), checking ids and labels.
+
+    A UTF-8 BOM, CRLF or CR line ends, blank lines and spaces around values are accepted; other
+    columns are ignored with a warning. Errors give the line number as an editor shows it."""
     try:
-        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skip_blank_lines=True,
+        # Blank lines are kept while reading, so that row i is still line i + 2 in messages.
+        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skip_blank_lines=False,
                             encoding="utf-8-sig")
     except FileNotFoundError:
         raise DataError(f"{csv_path}: file not found.") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DataError(f"{csv_path}: not a readable CSV ({err}).") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{csv_path}: not UTF-8 text ({err}); save it as a UTF-8 CSV.") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise DataError(f"{csv_path}: not a readable CSV ({str(err).strip()}).") from None
 
     frame.columns = [c.strip() for c in frame.columns]
     id_column = next((c for c in ID_COLUMNS if c in frame.columns), None)
     if id_column is None or (with_labels and "label" not in frame.columns):
         wanted = "img_name,label" if with_labels else "img_name"
-        raise DataError(f"{csv_path}: expected a header with {wanted}, found {','.join(frame.columns)}.")
-    frame = frame.rename(columns={id_column: "img_name"})
-    frame["img_name"] = frame["img_name"].str.strip()
+        found = ",".join(frame.columns)
+        raise DataError(f"{csv_path}: expected a header with {wanted}, found {found[:80]!r}.")
+    wanted_columns = [id_column, "label"] if with_labels else [id_column]
+    extra = [c for c in frame.columns if c not in wanted_columns]
+    if extra:
+        log.warning("%s: ignoring columns %s", csv_path, _listing(extra))
+    frame = frame[wanted_columns].rename(columns={id_column: "img_name"}).apply(lambda c: c.str.strip())
+    frame = frame[(frame != "").any(axis=1)]
     if frame.empty:
         raise DataError(f"{csv_path}: the CSV has a header but no rows.")
 
@@ -115,16 +130,15 @@ def read_id_csv(csv_path: Path, with_labels: bool) -> pd.DataFrame:
     if duplicated:
         raise DataError(f"{csv_path}: duplicate ids {_listing(duplicated)}.")
     if with_labels:
-        labels = frame["label"].str.strip()
-        bad = frame.index[~labels.isin(["0", "1"])]
+        bad = frame.index[~frame["label"].isin(["0", "1"])]
         if len(bad):
             row = bad[0]
             raise DataError(
                 f"{csv_path}: line {row + 2} ({frame['img_name'][row]}) has label {frame['label'][row]!r}; "
                 "labels must be 0 (uninfected) or 1 (parasitized)."
             )
-        frame["label"] = labels.astype(np.int64)
-    return frame[["img_name", "label"] if with_labels else ["img_name"]]
+        frame["label"] = frame["label"].astype(np.int64)
+    return frame.reset_index(drop=True)
 
 
 def _match(zip_path: Path, csv_path: Path, ids: list[str]) -> list[str]:

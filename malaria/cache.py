@@ -4,7 +4,9 @@ PNG decoding costs far more than a training step on small images, so it happens 
 (input files, image size): the result is an `.npy` file of shape (N, size, size, 3) that
 DataLoader workers memory-map. A cache is identified by a key over the zip's identity, the ids
 and the size; it is written to a temporary file and renamed, and its metadata is written last,
-so a crash leaves no half-written cache that looks complete.
+so a crash leaves no half-written cache that looks complete. The metadata also holds a CRC-32
+of the file, checked before every use (0.8 s for the full 1.35 GB set at 128 px): a cache
+damaged on disk is rebuilt, never trusted. Temporary files of builds that were killed are removed.
 """
 
 from __future__ import annotations
@@ -12,19 +14,26 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
+import warnings
 import zipfile
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from rich.progress import track
 
+from malaria import atomic
 from malaria.archive import DataError, ImageTable
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CHUNK = 512
+READ_BLOCK = 1 << 24
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -51,10 +60,15 @@ def square(image: Image.Image, size: int) -> np.ndarray:
 
 
 def decode(data: bytes, size: int) -> np.ndarray:
-    """One image file's bytes to a (size, size, 3) uint8 array."""
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        return square(to_rgb(image), size)
+    """One image file's bytes to a (size, size, 3) uint8 array.
+
+    Images over PIL's decompression-bomb limit (89 megapixels) are refused, not decoded: a cell
+    crop is about 150 px wide, and one such image would take gigabytes in every worker."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return square(to_rgb(image), size)
 
 
 def cache_key(table: ImageTable, size: int) -> str:
@@ -76,8 +90,10 @@ def _decode_chunk(zip_path: Path, members: list[str], start: int, out_path: Path
         for offset, member in enumerate(members):
             try:
                 out[start + offset] = decode(archive.read(member), size)
-            except (UnidentifiedImageError, OSError, ValueError, zipfile.BadZipFile) as err:
-                bad.append(f"{member} ({err})")
+            # Whatever fails here (bad CRC, unknown compression, not an image, truncated, too large)
+            # is this member's fault: collect them all and name them, instead of one traceback.
+            except Exception as err:  # noqa: BLE001
+                bad.append(f"{member} ({type(err).__name__}: {err})")
     out.flush()
     return bad
 
@@ -86,8 +102,17 @@ def _metadata_path(npy_path: Path) -> Path:
     return npy_path.with_suffix(".json")
 
 
+def checksum(path: Path) -> int:
+    """CRC-32 of a file's bytes, read in blocks: 0.8 s for the full set at 128 px (1.35 GB, page-cached)."""
+    crc = 0
+    with path.open("rb") as f:
+        while block := f.read(READ_BLOCK):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
 def is_valid(npy_path: Path, key: str, shape: tuple[int, ...]) -> bool:
-    """True when a cache exists, is complete, and was built from the same inputs."""
+    """True when a cache exists, is complete, was built from the same inputs and is undamaged."""
     meta_path = _metadata_path(npy_path)
     if not (npy_path.exists() and meta_path.exists()):
         return False
@@ -95,8 +120,32 @@ def is_valid(npy_path: Path, key: str, shape: tuple[int, ...]) -> bool:
         meta = json.loads(meta_path.read_text())
         array = np.load(npy_path, mmap_mode="r")
     except (ValueError, OSError):
+        log.warning("%s is unreadable; rebuilding it.", npy_path)
         return False
-    return meta.get("key") == key and array.shape == shape and array.dtype == np.uint8
+    if meta.get("key") != key or array.shape != shape or array.dtype != np.uint8:
+        return False
+    if meta.get("crc32") != checksum(npy_path):
+        log.warning("%s does not match its checksum (damaged on disk?); rebuilding it.", npy_path)
+        return False
+    return True
+
+
+def _remove_abandoned(npy_path: Path) -> None:
+    """Delete temporary files that builds killed before finishing left behind (they can be GBs)."""
+    for tmp in npy_path.parent.glob(f".{npy_path.stem}.*.tmp.npy"):
+        pid = tmp.name[len(npy_path.stem) + 2 :].split(".")[0]
+        if pid.isdigit() and not _is_running(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's process
+        pass
+    return True
 
 
 def build(table: ImageTable, size: int, cache_dir: Path, name: str, workers: int | None = None) -> Path:
@@ -108,6 +157,7 @@ def build(table: ImageTable, size: int, cache_dir: Path, name: str, workers: int
         return npy_path
 
     cache_dir.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(npy_path)
     tmp_path = npy_path.with_name(f".{npy_path.stem}.{os.getpid()}.tmp.npy")
     np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=shape).flush()
     starts = range(0, len(table), CHUNK)
@@ -121,11 +171,10 @@ def build(table: ImageTable, size: int, cache_dir: Path, name: str, workers: int
             bad = [m for f in track(futures, description=f"Decoding {name} images once") for m in f.result()]
         if bad:
             raise DataError(f"{table.zip_path}: {len(bad)} images cannot be decoded: " + "; ".join(bad[:5]))
+        crc = checksum(tmp_path)
         os.replace(tmp_path, npy_path)
     finally:
         tmp_path.unlink(missing_ok=True)
     meta_path = _metadata_path(npy_path)
-    meta_tmp = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
-    meta_tmp.write_text(json.dumps({"key": key, "shape": shape, "zip": str(table.zip_path)}))
-    os.replace(meta_tmp, meta_path)
+    atomic.write_text(meta_path, json.dumps({"key": key, "shape": shape, "zip": str(table.zip_path), "crc32": crc}))
     return npy_path

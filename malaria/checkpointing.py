@@ -1,0 +1,208 @@
+"""Checkpoints that survive a crash and resume exactly where training stopped.
+
+A run killed at any moment must leave either the previous checkpoint or the new one, never half
+of one, and resuming from `last.ckpt` must continue the same run, not a similar one:
+
+- `AtomicCheckpointIO` writes each checkpoint to a temporary file beside it, then renames it.
+- `LastCheckpoint` keeps `last.ckpt` no more than a few minutes behind, mid-epoch included.
+- `ExactResume` restores the global RNG states and the training loader's position on resume.
+- `RefuseNonFiniteCheckpoints` stops training rather than save NaN or inf weights.
+- `ResumableSampler` + `ResumableLoader` make the training data a function of (seed, epoch) alone,
+  each image with its own augmentation seed, and let Lightning restart mid-epoch after the
+  batches already trained on.
+
+Wiring: `trainer.plugins` and `trainer.callbacks` in configs/default.yaml name the first four;
+`MalariaDataModule` builds its training loader from the last two.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from malaria.atomic import stage_file
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """`torch.save` to a temporary file in the checkpoint's own folder, fsync, then `os.replace`.
+
+    Lightning's own save stages the bytes in the system temp folder and `shutil.move`s them, which
+    is a copy, not a rename, whenever that folder is on another file system (as on Kaggle), and
+    it never fsyncs: a crash can then leave a truncated `last.ckpt` in place of the good one.
+    Remote paths (s3://, gs://) keep Lightning's transactional upload.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH,
+                        storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for abandoned in path.parent.glob(f".{path.name}.*.tmp"):  # from a save that was killed
+            abandoned.unlink(missing_ok=True)
+        os.replace(stage_file(path, lambda f: torch.save(checkpoint, f), binary=True), path)
+
+
+def _is_local(path: _PATH) -> bool:
+    return isinstance(get_filesystem(path), LocalFileSystem)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """`last.ckpt` every `every_n_train_steps` steps and after every validation, nothing else.
+
+    Lightning's `ModelCheckpoint(save_last=True)` writes `last.ckpt` only when it also saves a
+    regular checkpoint: a monitored one then leaves `last.ckpt` at the best epoch, a step-based one
+    up to `every_n_train_steps` behind the end of training. Best checkpoints are a second
+    ModelCheckpoint's job; list this one after it, so `last.ckpt` holds its updated state. There is
+    one `last.ckpt` per run, overwritten in place (no `last-v1`)."""
+
+    def __init__(self, every_n_train_steps: int = 100, dirpath: _PATH | None = None) -> None:
+        super().__init__(dirpath=dirpath, every_n_train_steps=every_n_train_steps, save_top_k=0,
+                         save_last=True, enable_version_counter=False)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last(trainer)
+
+    def _save_last(self, trainer: L.Trainer) -> None:
+        """Where Lightning's ModelCheckpoint saves at the end of an epoch, unless this step is saved."""
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class ExactResume(L.Callback):
+    """Restores what a Lightning checkpoint alone does not, so a resumed run continues the same run.
+
+    - The global RNG states (torch, CUDA, numpy, random) that dropout and batch augmentation draw
+      from: saved in every checkpoint, restored at `on_train_start`, after the sanity check and the
+      data loaders have drawn their own numbers, i.e. where the stream was when it was saved.
+    - The training loader's position: Lightning skips restoring it when the loader was built
+      before the checkpoint was loaded, as `estimated_stepping_batches` in `configure_optimizers`
+      does (Lightning issue #20550), so it is applied here, before the first batch is drawn.
+    """
+
+    def __init__(self) -> None:
+        self._loaded: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        # Tensors and plain tuples only: Lightning resumes with torch.load(weights_only=True).
+        name, keys, position, has_gauss, gauss = np.random.get_state()
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss),
+            "python": random.getstate(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = state_dict
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.fit_loop._load_combined_loader_states()  # a no-op when Lightning already did it
+        if self._loaded is None:
+            return
+        state, self._loaded = self._loaded, None
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        name, keys, position, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+        version, internal, gauss_next = state["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+
+
+class RefuseNonFiniteCheckpoints(L.Callback):
+    """Raises FloatingPointError instead of writing a checkpoint whose weights hold NaN or inf.
+
+    The model stops on a non-finite training loss, but an overflowing step can leave NaN weights
+    after a finite loss; this catches them at the one moment it matters, before they are saved.
+    Parameters and buffers only: metric states such as a running maximum start at -inf."""
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        for name, tensor in [*pl_module.named_parameters(), *pl_module.named_buffers()]:
+            if torch.is_floating_point(tensor) and not torch.isfinite(tensor).all():
+                raise FloatingPointError(
+                    f"Weight {name!r} holds NaN or inf at epoch {trainer.current_epoch}, "
+                    f"step {trainer.global_step}; refusing to save this checkpoint (the last good one "
+                    "stays). Lower model.lr or check the inputs."
+                )
+
+
+class ResumableSampler(DistributedSampler):
+    """This rank's share of a permutation drawn from (seed, epoch), each index paired with its own
+    augmentation seed, from (seed, epoch, index).
+
+    Nothing depends on the global RNG, the number of workers or whether the epoch was interrupted:
+    epoch e yields the same images with the same augmentations every time. `skip` drops the first
+    samples of the next iteration, for resuming mid-epoch. On one device use num_replicas=1, rank=0.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                         drop_last=True)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        # Lightning calls this again for the epoch a restored loader is already in: keep its skip then.
+        if epoch != self.epoch:
+            self.skip = 0
+        super().set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = list(super().__iter__())
+        seeds = np.random.default_rng([self.seed, self.epoch]).integers(2**32, size=len(self.dataset))
+        start, self.skip = self.skip, 0
+        return iter([(i, int(seeds[i])) for i in indices[start:]])
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over a `ResumableSampler` that Lightning checkpoints with the loops.
+
+    Lightning saves `state_dict()` of a loader that has one and calls `load_state_dict()` before
+    iterating again; the state is the epoch and how many batches of it were handed out (Lightning
+    fetches no batch ahead from a loader with a length, so handed out means trained on)."""
+
+    sampler: ResumableSampler
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.sampler, ResumableSampler):
+            raise TypeError(f"ResumableLoader needs a ResumableSampler, got {type(self.sampler).__name__}")
+        self._served = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        self._served = self.sampler.skip // self.batch_size
+        for batch in super().__iter__():
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches": self._served}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        epoch, batches = state_dict["epoch"], state_dict["batches"]
+        if batches >= len(self):  # saved at the end of an epoch: the next one starts afresh
+            epoch, batches = epoch + 1, 0
+        self.sampler.set_epoch(epoch)
+        self.sampler.skip = batches * self.batch_size
+        self._served = batches
