@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import stat
 from pathlib import Path
 
@@ -11,9 +12,11 @@ import albumentations as A
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from malaria import archive, cache, splits
+from malaria.checkpointing import ResumableLoader, ResumableSampler
 from malaria.transforms import Augment, train_transform
 
 log = logging.getLogger(__name__)
@@ -24,7 +27,9 @@ DEMO_SUBDIR = "demo"
 class CellDataset(Dataset):
     """Images from a memory-mapped cache, as (uint8 CHW image, float label, row index).
 
-    The cache is opened lazily in each process: a memmap pickled into a worker would be copied."""
+    Indexed by `i`, or by `(i, seed)` from a `ResumableSampler`: the augmentation of that image is
+    then drawn from its own seed, whatever worker or rank loads it. The cache is opened lazily in
+    each process: a memmap pickled into a worker would be copied."""
 
     def __init__(self, cache_path: Path, rows: np.ndarray, labels: np.ndarray | None,
                  transform: A.Compose | None = None) -> None:
@@ -37,12 +42,21 @@ class CellDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def image(self, row: int) -> np.ndarray:
+        """The (size, size, 3) uint8 image of a table row, read from the cache."""
         if self._images is None:
             self._images = np.load(self.cache_path, mmap_mode="r")
+        return np.asarray(self._images[row])
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        i, seed = item if isinstance(item, tuple) else (item, None)
         row = int(self.rows[i])
-        image = np.asarray(self._images[row])
+        image = self.image(row)
         if self.transform is not None:
+            if seed is not None:
+                # One stream shared by all transforms: Compose.set_random_seed would give each
+                # transform its own copy of the same stream, so that both flips always agree.
+                self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
             image = self.transform(image=image)["image"]
         label = float(self.labels[row]) if self.labels is not None else -1.0
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), torch.tensor(label), row
@@ -62,7 +76,7 @@ class MalariaDataModule(L.LightningDataModule):
     def __init__(
         self,
         data_dir: str = "data",
-        image_size: int = 64,
+        image_size: int | None = 64,
         val_fraction: float = 0.2,
         fold: int = 0,
         seed: int = 42,
@@ -137,28 +151,48 @@ class MalariaDataModule(L.LightningDataModule):
             self.test_table = archive.load_test(source)
             self.test_cache = cache.build(self.test_table, size, self.cache_dir, "test")
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(dataset) > self.hparams.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+    def _ranks(self) -> dict[str, int]:
+        """num_replicas and rank under DDP; empty on one device."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size < 2:
+            return {}
+        return trainer.distributed_sampler_kwargs
 
-    def train_dataloader(self) -> DataLoader:
-        labels = self.train_table.labels
-        dataset = CellDataset(self.train_cache, self.train_rows, labels, train_transform(self.augment))
-        return self._loader(dataset, shuffle=True)
+    def _loader_kwargs(self) -> dict:
+        workers = self.num_workers
+        return {
+            "batch_size": self.hparams.batch_size,
+            "num_workers": workers,
+            # Workers stay alive between epochs: restarting them costs more than an epoch of a small set.
+            "persistent_workers": workers > 0,
+            "pin_memory": torch.cuda.is_available(),
+            # The loader's own generator: it leaves the global RNG stream alone, which then depends
+            # on neither the number of workers nor where a resumed run restarted.
+            "generator": torch.Generator().manual_seed(self.hparams.seed),
+        }
+
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        """In order; under DDP each rank gets its share with no padding repeats (Lightning's own
+        sampler pads), so metrics reduced across ranks count every image exactly once."""
+        ranks = self._ranks()
+        sampler: Sampler | None = UnrepeatedDistributedSampler(dataset, shuffle=False, **ranks) if ranks else None
+        return DataLoader(dataset, shuffle=False, sampler=sampler, **self._loader_kwargs())
+
+    def train_dataloader(self) -> ResumableLoader:
+        """Shuffled by (seed, epoch); under DDP the ranks' shards are disjoint (the remainder that
+        does not divide evenly is dropped, a different few images each epoch)."""
+        dataset = CellDataset(self.train_cache, self.train_rows, self.train_table.labels,
+                              train_transform(self.augment))
+        sampler = ResumableSampler(dataset, seed=self.hparams.seed, **self._ranks())
+        return ResumableLoader(dataset, sampler=sampler, drop_last=len(sampler) > self.hparams.batch_size,
+                               **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(CellDataset(self.train_cache, self.val_rows, self.train_table.labels), shuffle=False)
+        return self._eval_loader(CellDataset(self.train_cache, self.val_rows, self.train_table.labels))
 
     def predict_dataloader(self) -> DataLoader:
         rows = np.arange(len(self.test_table))
-        return self._loader(CellDataset(self.test_cache, rows, None), shuffle=False)
+        return self._eval_loader(CellDataset(self.test_cache, rows, None))
 
     @property
     def test_ids(self) -> list[str]:

@@ -7,8 +7,8 @@ from typing import Any
 
 import lightning as L
 import timm
-from timm.optim import create_optimizer_v2
 import torch
+from timm.optim import create_optimizer_v2
 from torch import nn
 from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score
@@ -64,6 +64,7 @@ class MalariaClassifier(L.LightningModule):
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
         self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # a resumed run remembers its best epoch
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
 
@@ -99,24 +100,22 @@ class MalariaClassifier(L.LightningModule):
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         return loss
 
-    def on_train_start(self) -> None:
-        # The sanity check's few batches must not count as the best accuracy.
-        self.val_acc_best.reset()
-
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         loss, probs, labels = self.model_step(batch)
         self.val_metrics.update(probs, labels)
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log_dict(self.val_metrics, on_epoch=True, prog_bar=False)
 
     def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:  # its few batches must not count as the best accuracy
+            return
         self.val_acc_best(self.val_metrics["acc"].compute())
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         loss, probs, labels = self.model_step(batch)
         self.test_metrics.update(probs, labels)
-        self.log("test/loss", loss, on_epoch=True)
+        self.log("test/loss", loss, on_epoch=True, sync_dist=True)
         self.log_dict(self.test_metrics, on_epoch=True)
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:

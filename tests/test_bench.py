@@ -1,0 +1,54 @@
+"""`make bench` smoke run on demo data: its output parses, and each stage reports both pipelines."""
+
+import json
+from pathlib import Path
+
+import albumentations as A
+import pytest
+import torch
+
+from malaria import bench
+
+TINY = ["--batches", "1", "--warmup", "1", "--data.image_size", "32", "--data.batch_size", "8",
+        "--data.num_workers", "0", "--model.model_kwargs", '{"widths": [8, 16]}', "--model.tta", "false"]
+
+
+def test_bench_prints_one_json_object_per_line(demo_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    records = bench.main(["--data-dir", str(demo_dir), *TINY])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines == records
+    setup = lines[0]
+    assert setup["kind"] == "setup" and setup["image_size"] == 32 and setup["batch_size"] == 8
+    assert not setup["demo"] and setup["data_source"] == str(demo_dir)
+    stages = {(r["stage"], r["pipeline"]): r for r in lines if r["kind"] == "stage"}
+    assert set(stages) == {(s, p) for s in bench.STAGES for p in bench.PIPELINES}
+    for record in stages.values():
+        assert record["images"] > 0 and record["seconds"] > 0 and record["images_per_s"] > 0
+    assert {r["stage"] for r in lines if r["kind"] == "ratio"} == {"data", "train", "predict"}
+    memory = lines[-1]
+    assert memory["kind"] == "memory" and memory["peak_rss_mib"] > 0 and len(memory["load_avg_end"]) == 3
+
+
+def test_naive_pipeline_decodes_the_same_images_as_the_cache(demo_dir: Path) -> None:
+    model, datamodule = bench.load_recipe(Path("configs/default.yaml"), ["--data.data_dir", str(demo_dir),
+                                                                         "--data.image_size", "32"])
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    rows = datamodule.val_rows[:4]
+    cached = bench.CellDataset(datamodule.train_cache, rows, datamodule.train_table.labels)
+    zipped = bench.ZipDataset(datamodule.train_table, 32, rows, None)
+    for i in range(len(rows)):
+        (image, label, row), (naive_image, naive_label, naive_row) = cached[i], zipped[i]
+        assert torch.equal(image, naive_image) and label == naive_label and row == naive_row
+
+
+def test_the_naive_model_moves_device_augmentation_to_the_cpu() -> None:
+    model, datamodule = bench.load_recipe(Path("configs/default.yaml"), ["--model.batch_dihedral", "true"])
+    naive, transform = bench.naive_setup(model, datamodule)
+    assert model.hparams.batch_dihedral and not naive.hparams.batch_dihedral
+    assert any(isinstance(t, A.SquareSymmetry) for t in transform.transforms)
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(SystemExit, match="at least 1"):
+        bench.main(["--batches", "0"])

@@ -1,0 +1,90 @@
+"""DataLoader settings of MalariaDataModule: augmentation seeds, and DDP shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import albumentations as A
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader
+
+from malaria.checkpointing import ResumableLoader, ResumableSampler
+from malaria.datamodule import CellDataset, MalariaDataModule
+from malaria.transforms import Augment, train_transform
+
+BATCH = 8
+
+
+@pytest.fixture
+def same_image_cache(tmp_path: Path) -> Path:
+    """A cache holding one random image 32 times: any difference in a batch is augmentation."""
+    image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    path = tmp_path / "cache.npy"
+    np.save(path, np.broadcast_to(image, (4 * BATCH, 16, 16, 3)))
+    return path
+
+
+def epoch_batches(cache_path: Path, workers: int, seed: int = 0, epoch: int = 0) -> list[torch.Tensor]:
+    """The training batches of one epoch, as the datamodule's sampler orders and seeds them."""
+    dataset = CellDataset(cache_path, np.arange(4 * BATCH), None, train_transform(Augment()))
+    sampler = ResumableSampler(dataset, seed=seed)
+    sampler.set_epoch(epoch)
+    loader = ResumableLoader(dataset, batch_size=BATCH, sampler=sampler, num_workers=workers)
+    return [batch[0] for batch in loader]
+
+
+def test_augmentations_depend_on_seed_and_epoch_not_on_workers(same_image_cache: Path) -> None:
+    """Each image is augmented from its own seed: forked workers, which inherit the parent's
+    albumentations generators, neither repeat each other's draws nor change the result."""
+    alone = epoch_batches(same_image_cache, workers=0)
+    assert len({tuple(image.flatten().tolist()) for batch in alone for image in batch}) == 4 * BATCH
+    assert all(torch.equal(a, b) for a, b in zip(alone, epoch_batches(same_image_cache, workers=2)))
+    assert not torch.equal(alone[0], epoch_batches(same_image_cache, workers=0, epoch=1)[0])
+    assert not torch.equal(alone[0], epoch_batches(same_image_cache, workers=0, seed=1)[0])
+
+
+def test_seeded_transforms_draw_independently(tmp_path: Path) -> None:
+    """Both flips have p=0.5: from one seed per image they must still combine in all 4 ways."""
+    image = np.arange(2 * 2 * 3, dtype=np.uint8).reshape(2, 2, 3)
+    np.save(tmp_path / "one.npy", image[None])
+    flips = A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)])
+    dataset = CellDataset(tmp_path / "one.npy", np.zeros(1, dtype=np.int64), None, flips)
+    outputs = {tuple(dataset[(0, seed)][0].flatten().tolist()) for seed in range(64)}
+    assert len(outputs) == 4
+
+
+def ddp_loaders(datamodule: MalariaDataModule, rank: int) -> tuple[DataLoader, DataLoader]:
+    datamodule.trainer = SimpleNamespace(world_size=2, global_rank=rank,
+                                         distributed_sampler_kwargs={"num_replicas": 2, "rank": rank})
+    return datamodule.train_dataloader(), datamodule.val_dataloader()
+
+
+def test_under_ddp_shards_are_disjoint_and_validation_counts_every_image_once(demo_dir: Path) -> None:
+    datamodule = MalariaDataModule(data_dir=str(demo_dir), image_size=32, batch_size=BATCH, num_workers=0)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    (train0, val0), (train1, val1) = ddp_loaders(datamodule, 0), ddp_loaders(datamodule, 1)
+    assert isinstance(train0.sampler, ResumableSampler) and train0.sampler.num_replicas == 2
+    assert isinstance(val0.sampler, UnrepeatedDistributedSampler)
+
+    rows = [np.concatenate([b[2].numpy() for b in loader]) for loader in (train0, train1)]
+    assert not set(rows[0]) & set(rows[1]) and len(rows[0]) == len(rows[1])
+    assert set(rows[0]) | set(rows[1]) <= set(datamodule.train_rows.tolist())
+
+    val_rows = [np.concatenate([b[2].numpy() for b in loader]) for loader in (val0, val1)]
+    assert sorted(np.concatenate(val_rows).tolist()) == sorted(datamodule.val_rows.tolist())
+
+
+def test_one_device_trains_on_one_shard_and_validates_in_order(demo_dir: Path) -> None:
+    datamodule = MalariaDataModule(data_dir=str(demo_dir), image_size=32, batch_size=BATCH, num_workers=0)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    sampler = datamodule.train_dataloader().sampler
+    assert isinstance(sampler, ResumableSampler) and sampler.num_replicas == 1
+    assert len(sampler) == len(datamodule.train_rows)
+    rows = np.concatenate([b[2].numpy() for b in datamodule.val_dataloader()])
+    assert rows.tolist() == datamodule.val_rows.tolist()
