@@ -12,12 +12,13 @@ from typing import Any
 
 import timm
 import torch
-from timm.models import register_model
+from timm.models import get_pretrained_cfg, register_model
 from torch import nn
 
 # Half-way values: the scratch CNN has no pretrained statistics to match.
 SCRATCH_MEAN = (0.5, 0.5, 0.5)
 SCRATCH_STD = (0.25, 0.25, 0.25)
+SCRATCH_SIZE = 64
 
 
 def _stage(in_channels: int, out_channels: int, convs: int) -> nn.Sequential:
@@ -46,7 +47,7 @@ class MalariaCNN(nn.Module):
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(self.num_features, num_classes)
         self.pretrained_cfg = {
-            "input_size": (3, 64, 64), "mean": SCRATCH_MEAN, "std": SCRATCH_STD,
+            "input_size": (3, SCRATCH_SIZE, SCRATCH_SIZE), "mean": SCRATCH_MEAN, "std": SCRATCH_STD,
             "num_classes": num_classes, "classifier": "head",
         }
 
@@ -105,3 +106,9 @@ def create_model(name: str, pretrained: bool = False, pretrained_file: str | Non
             f"Cannot fetch pretrained weights for {name!r} ({err}). Without internet, download the weights "
             "elsewhere and set model.pretrained_file to the local .pth/.safetensors, or set pretrained: false."
         ) from None
+
+
+def default_image_size(name: str) -> int:
+    """The side of the images `name` was pretrained on (timm's pretrained config; 64 for malaria_cnn)."""
+    cfg = get_pretrained_cfg(name)
+    return cfg.input_size[-1] if cfg is not None else SCRATCH_SIZE
