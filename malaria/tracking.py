@@ -1,7 +1,9 @@
 """Experiment loggers: a CSV file always, Weights & Biases when it is not switched off.
 
 W&B runs offline unless the user has an API key, so training never needs the network; an
-offline run is uploaded later with `wandb sync runs/<name>/wandb/offline-run-*`.
+offline run is uploaded later with `wandb sync runs/<name>/wandb/offline-run-*`. The W&B run's
+name and id are the run directory's name, so a resumed run continues the same W&B run online.
+(W&B cannot resume offline: each offline session gets its own `offline-run-*` folder, same id.)
 """
 
 from __future__ import annotations
@@ -10,15 +12,22 @@ import csv
 import logging
 import netrc
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
+import yaml
 from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "online", "offline", "disabled")
+# Older spellings that wandb still accepts in WANDB_MODE; Lightning's WandbLogger itself sets
+# WANDB_MODE=dryrun for an offline run, so a second run in the same process reads that.
+ALIASES = {"dryrun": "offline", "run": "online"}
 
 
 def has_wandb_key() -> bool:
@@ -34,6 +43,7 @@ def has_wandb_key() -> bool:
 def resolve_mode(mode: str) -> str:
     """`auto` becomes online with a key and offline without; WANDB_MODE overrides the config."""
     mode = os.environ.get("WANDB_MODE", mode)
+    mode = ALIASES.get(mode, mode)
     if mode not in MODES:
         raise ValueError(f"wandb mode must be one of {MODES}, got {mode!r}")
     if mode == "auto":
@@ -65,13 +75,48 @@ class ResumableCSVLogger(CSVLogger):
         return self._experiment
 
 
+def make_wandb_logger(run_dir: Path, run_name: str, wandb_mode: str, project: str) -> WandbLogger | None:
+    """A W&B logger writing under run_dir/wandb/, or None when W&B is disabled.
+
+    Online, the best and last checkpoints are uploaded as a model artifact at the end of training."""
+    mode = resolve_mode(wandb_mode)
+    if mode == "disabled":
+        return None
+    return WandbLogger(
+        name=run_name, id=run_name, project=project, save_dir=str(run_dir), offline=mode == "offline",
+        resume="allow", log_model=mode == "online",
+    )
+
+
 def make_loggers(run_dir: Path, run_name: str, wandb_mode: str, project: str) -> list[Logger]:
     """CSV metrics in run_dir/metrics.csv, plus a W&B run named and identified like the run dir."""
     loggers: list[Logger] = [ResumableCSVLogger(save_dir=run_dir, name="", version="")]
-    mode = resolve_mode(wandb_mode)
-    if mode != "disabled":
-        loggers.append(WandbLogger(
-            name=run_name, id=run_name, project=project, save_dir=str(run_dir), offline=mode == "offline",
-            resume="allow", log_model=mode == "online",
-        ))
+    wandb_logger = make_wandb_logger(run_dir, run_name, wandb_mode, project)
+    if wandb_logger is not None:
+        loggers.append(wandb_logger)
     return loggers
+
+
+def find_wandb_logger(loggers: Iterable[Logger]) -> WandbLogger | None:
+    return next((lg for lg in loggers if isinstance(lg, WandbLogger)), None)
+
+
+def finish_wandb(loggers: Iterable[Logger]) -> None:
+    """Close the W&B run so its files are complete and a next run in this process starts fresh
+    (WandbLogger reuses any run still open in the process)."""
+    if find_wandb_logger(loggers) is not None:
+        import wandb
+
+        wandb.finish()
+
+
+class WandbSaveConfig(SaveConfigCallback):
+    """Saves config.yaml like LightningCLI does, and logs the full resolved config (trainer,
+    callbacks, model, data, seed) to W&B under `cli`: Lightning itself logs only the
+    hyperparameters of the model and the data module."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        wandb_logger = find_wandb_logger(trainer.loggers)
+        if wandb_logger is not None:
+            config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+            wandb_logger.log_hyperparams({"cli": config})
