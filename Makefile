@@ -1,11 +1,12 @@
-# The user's verbs. Variables: DATA_DIR, CONFIG, EPOCHS, ARGS, RESUME, RUN, OUT, FILE, MESSAGE, DRY_RUN.
+# The user's verbs. Variables: DATA_DIR, CONFIG, EPOCHS, ARGS, RESUME, RUN, OUT, K, FILE, MESSAGE, DRY_RUN,
+# COMPETITION, BATCHES.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/default.yaml
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install train predict cv lr-find submit data report test bench clean-cache help
+.PHONY: install train features predict cv lr-find report submit data test bench clean-cache help
 
 help:
 	@echo "make train    [DATA_DIR=data] [CONFIG=configs/<recipe>.yaml] [EPOCHS=N] [ARGS='--model.lr=1e-3'] [RESUME=runs/<run>]"
@@ -13,6 +14,9 @@ help:
 	@echo "make submit   [FILE=submissions/x.csv] [MESSAGE='...'] [DRY_RUN=1]"
 	@echo "make cv       [K=5] [CONFIG=...] [DATA_DIR=...] [EPOCHS=N] [ARGS=...]   slide-grouped cross-validation"
 	@echo "make lr-find  [CONFIG=...] [DATA_DIR=...]  learning-rate range test"
+	@echo "make features [CONFIG=configs/resnet18_features.yaml] [DATA_DIR=...]  frozen backbone, cached features"
+	@echo "make report   [RUN=runs/<run>] [DATA_DIR=...]  figures, Grad-CAM and report.md for a run"
+	@echo "make bench    [CONFIG=...] [DATA_DIR=...] [BATCHES=8]  images/s of each stage vs a naive pipeline"
 	@echo "make data     [COMPETITION=<slug>]     download the competition into data/"
 	@echo "make test | make bench | make install"
 
@@ -33,6 +37,10 @@ train: install
 		$(if $(EPOCHS),--trainer.max_epochs $(EPOCHS)) \
 		$(ARGS)
 
+features: install
+	$(PY) -m malaria.features --config $(if $(filter $(CONFIG),configs/default.yaml),configs/resnet18_features.yaml,$(CONFIG)) \
+		$(if $(DATA_DIR),--data.data_dir $(DATA_DIR)) $(if $(EPOCHS),--trainer.max_epochs $(EPOCHS)) $(ARGS)
+
 predict: install
 	$(PY) -m malaria.predict $(if $(RUN),--run $(RUN)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(OUT),--out $(OUT))
 
@@ -42,6 +50,13 @@ cv: install
 
 lr-find: install
 	$(PY) -m malaria.lr_find --config $(CONFIG) $(if $(DATA_DIR),--data.data_dir $(DATA_DIR)) $(ARGS)
+
+report: install
+	$(PY) -m malaria.report $(if $(RUN),--run $(RUN)) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+
+bench: install
+	$(PY) -m malaria.bench --config $(CONFIG) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
+		$(if $(BATCHES),--batches $(BATCHES)) $(ARGS)
 
 data: install
 	$(PY) -m malaria.leaderboard download $(if $(COMPETITION),--competition $(COMPETITION)) --data-dir $(or $(DATA_DIR),data)

@@ -2,8 +2,7 @@
 
 Data flows one way: zip + CSV (`archive`) -> decoded uint8 cache (`cache`) -> `datamodule` ->
 `module` -> predictions (`predict`) -> submission CSV (`submit`) -> Kaggle (`leaderboard`).
+Importing the package imports nothing heavy: `make submit` need not load torch.
 """
-
-from malaria import models  # noqa: F401  registers malaria_cnn with timm
 
 __version__ = "0.1.0"

@@ -2,22 +2,30 @@
 
 LightningCLI builds the model, data and trainer from the YAML recipe; this subclass adds the
 run directory (`runs/<name>/`), the loggers, and a summary written at the end of training.
-Resume an interrupted run with `--config runs/<name>/config.yaml --ckpt_path last`.
+Resume an interrupted run with
+`--config runs/<name>/config.yaml --ckpt_path runs/<name>/checkpoints/last.ckpt` (`make train RESUME=runs/<name>`).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
+import lightning as L
 import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.trainer import Trainer
+from lightning.pytorch.utilities import rank_zero_only
 
 from malaria import runs
 from malaria.datamodule import MalariaDataModule
+from malaria.models import default_image_size
 from malaria.module import MalariaClassifier
-from malaria.tracking import MODES, make_loggers
+from malaria.tracking import MODES, WandbSaveConfig, finish_wandb, make_loggers
+
+# DDP starts the other ranks by running the same command again; they read the run name here.
+RUN_ENV = "MALARIA_RUN"
 
 
 def default_precision() -> str:
@@ -25,6 +33,21 @@ def default_precision() -> str:
     if not torch.cuda.is_available():
         return "32-true"
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
+class RecordEnvironment(L.Callback):
+    """Writes environment.json (package versions, git commit, machine) into the run directory.
+
+    At fit start, i.e. once the data has passed its checks: a run that fails on bad input,
+    resumed or not, leaves its directory as it was."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+
+    @rank_zero_only
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        runs.write_json(self.run_dir / "environment.json", runs.environment())
 
 
 class MalariaCLI(LightningCLI):
@@ -44,7 +67,12 @@ class MalariaCLI(LightningCLI):
         config = self.run_config
         if not config.run:
             config_files = config.get("config") or []
-            config.run = runs.new_run_name(str(config_files[0]) if config_files else None)
+            is_ddp_child = os.environ.get("LOCAL_RANK", "0") != "0" and RUN_ENV in os.environ
+            config.run = os.environ[RUN_ENV] if is_ddp_child else runs.new_run_name(
+                str(config_files[0]) if config_files else None)
+        os.environ[RUN_ENV] = config.run
+        if config.data.image_size is None:  # the backbone's pretrained input size
+            config.data.image_size = default_image_size(config.model.model)
         run_dir = Path(config.runs_dir) / config.run
         resuming = self.subcommand == "fit" and config.get("ckpt_path")
         if self.subcommand == "fit" and not resuming and (run_dir / "checkpoints").exists():
@@ -57,11 +85,11 @@ class MalariaCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> Trainer:
         config = self.run_config
         loggers = make_loggers(self.run_dir, config.run, config.wandb.mode, config.wandb.project)
-        return super().instantiate_trainer(logger=loggers, **kwargs)
+        trainer = super().instantiate_trainer(logger=loggers, **kwargs)
+        trainer.callbacks.append(RecordEnvironment(self.run_dir))
+        return trainer
 
     def before_fit(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        runs.write_json(self.run_dir / "environment.json", runs.environment())
         self.fit_started = time.time()
 
     def after_fit(self) -> None:
@@ -78,6 +106,7 @@ class MalariaCLI(LightningCLI):
         if self.trainer.is_global_zero:
             runs.write_json(self.run_dir / "summary.json", summary)
             print(f"Run {summary['run']}: best val/acc {summary['best_val_acc']} -> {summary['best_checkpoint']}")
+        finish_wandb(self.trainer.loggers)
 
 
 def main(args: list[str] | None = None, run: bool = True) -> MalariaCLI:
@@ -85,6 +114,7 @@ def main(args: list[str] | None = None, run: bool = True) -> MalariaCLI:
     return MalariaCLI(
         MalariaClassifier,
         MalariaDataModule,
+        save_config_callback=WandbSaveConfig,
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
