@@ -1,17 +1,18 @@
 # The user's verbs. Variables: DATA_DIR, CONFIG, EPOCHS, ARGS, RESUME, RUN, OUT, K, FILE, MESSAGE, DRY_RUN,
-# COMPETITION, BATCHES.
+# COMPETITION, BATCHES, ANSWERS.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/default.yaml
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install train features predict cv lr-find report submit data test bench clean-cache help
+.PHONY: install train features predict cv lr-find report score submit data test bench clean-cache help
 
 help:
 	@echo "make train    [DATA_DIR=data] [CONFIG=configs/<recipe>.yaml] [EPOCHS=N] [ARGS='--model.lr=1e-3'] [RESUME=runs/<run>]"
 	@echo "make predict  [DATA_DIR=data] [RUN='runs/a runs/b'] [OUT=path.csv]"
 	@echo "make submit   [FILE=submissions/x.csv] [MESSAGE='...'] [DRY_RUN=1]"
+	@echo "make score    [FILE=submissions/x.csv] [ANSWERS=DATA_DIR/test_labels.csv]  accuracy against an answer key"
 	@echo "make cv       [K=5] [CONFIG=...] [DATA_DIR=...] [EPOCHS=N] [ARGS=...]   slide-grouped cross-validation"
 	@echo "make lr-find  [CONFIG=...] [DATA_DIR=...]  learning-rate range test"
 	@echo "make features [CONFIG=configs/resnet18_features.yaml] [DATA_DIR=...]  frozen backbone, cached features"
@@ -42,7 +43,7 @@ features: install
 		$(if $(DATA_DIR),--data.data_dir $(DATA_DIR)) $(if $(EPOCHS),--trainer.max_epochs $(EPOCHS)) $(ARGS)
 
 predict: install
-	$(PY) -m malaria.predict $(if $(RUN),--run $(RUN)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(OUT),--out $(OUT))
+	$(PY) -m malaria.predict $(if $(RUN),--run $(RUN)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(OUT),--out $(OUT)) $(ARGS)
 
 cv: install
 	$(PY) -m malaria.cv --k $(or $(K),5) --config $(CONFIG) $(if $(DATA_DIR),--data.data_dir $(DATA_DIR)) \
@@ -57,6 +58,10 @@ report: install
 bench: install
 	$(PY) -m malaria.bench --config $(CONFIG) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
 		$(if $(BATCHES),--batches $(BATCHES)) $(ARGS)
+
+score: install
+	$(PY) -m malaria.submit $(FILE) \
+		--answers $(or $(ANSWERS),$(or $(DATA_DIR),data)/test_labels.csv)
 
 data: install
 	$(PY) -m malaria.leaderboard download $(if $(COMPETITION),--competition $(COMPETITION)) --data-dir $(or $(DATA_DIR),data)

@@ -31,10 +31,17 @@ import yaml
 
 from malaria.archive import LABEL_CSVS, SAMPLE_SUBMISSION, TEST_ZIP, TRAIN_ZIP
 from malaria.atomic import replace_file, stage_file
-from malaria.submit import SubmissionError, read_sample_submission, sidecar_path, validate_submission
+from malaria.submit import (
+    HISTORY_NAME,
+    SubmissionError,
+    newest_submission,
+    read_sample_submission,
+    sidecar_path,
+    validate_submission,
+)
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "kaggle.yaml"
-HISTORY = Path("submissions/history.csv")
+HISTORY = Path("submissions") / HISTORY_NAME
 CREDENTIALS_HELP = (
     "No usable Kaggle credentials. Create a token at https://www.kaggle.com/settings/api, then either "
     "export KAGGLE_API_TOKEN=<token> or save it to ~/.kaggle/access_token; a legacy kaggle.json also "
@@ -178,14 +185,6 @@ def download(competition: str, data_dir: Path, api: Any = None) -> list[Path]:
     return written
 
 
-def newest_submission(directory: Path, history: Path = HISTORY) -> Path:
-    """The most recently written submission CSV in `directory`, `history` excluded."""
-    candidates = [p for p in Path(directory).glob("*.csv") if p.name != history.name]
-    if not candidates:
-        raise KaggleError(f"no submission CSV in {directory}/; run predict first or pass --file.")
-    return max(candidates, key=lambda p: (p.stat().st_mtime_ns, p.name))
-
-
 def describe(file: Path) -> tuple[str, str]:
     """(run name, default message) from the file's `<csv>.json` sidecar, else from its name."""
     meta_path = sidecar_path(file)
@@ -246,7 +245,7 @@ def submit(
     A dry run does all of it but the upload. A failed upload is logged and raised as KaggleError.
     """
     history = Path(history)
-    file = Path(file) if file is not None else newest_submission(history.parent, history)
+    file = Path(file) if file is not None else newest_submission(history.parent)
     expected = read_sample_submission(Path(data_dir))
     if expected is None:
         raise KaggleError(

@@ -8,6 +8,7 @@ config, tta); `malaria.leaderboard` turns it into the Kaggle submission message.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -23,12 +24,21 @@ from malaria.archive import SAMPLE_SUBMISSION
 from malaria.atomic import stage_file
 
 HEADER = ("img_name", "label")
+HISTORY_NAME = "history.csv"  # the Kaggle upload log that malaria.leaderboard keeps in submissions/
 LABELS = ("0", "1")
 SHOWN = 3  # how many offending ids an error message lists
 
 
 class SubmissionError(ValueError):
     """A submission is malformed; the message names the file and the first offending line or ids."""
+
+
+def newest_submission(directory: Path = Path("submissions")) -> Path:
+    """The most recently written submission CSV in `directory` (the upload history excluded)."""
+    candidates = [p for p in Path(directory).glob("*.csv") if p.name != HISTORY_NAME]
+    if not candidates:
+        raise SubmissionError(f"no submission CSV in {directory}/; run `make predict` first or pass a file.")
+    return max(candidates, key=lambda p: (p.stat().st_mtime_ns, p.name))
 
 
 def default_submission_path(run_name: str, directory: Path = Path("submissions")) -> Path:
@@ -212,3 +222,38 @@ def read_sample_submission(data_dir: Path) -> list[str] | None:
     if not path.is_file():
         return None
     return validate_submission(path)[HEADER[0]].tolist()
+
+
+def score(path: Path, answers: Path) -> float:
+    """Accuracy of a submission against an answer key in the same format (the leaderboard's metric).
+
+    Both files are validated; they must hold the same ids, in any order."""
+    table = validate_submission(path)
+    truth = validate_submission(answers).set_index(HEADER[0])[HEADER[1]]
+    missing = truth.index.difference(table[HEADER[0]])
+    extra = pd.Index(table[HEADER[0]]).difference(truth.index)
+    if len(missing) or len(extra):
+        raise SubmissionError(f"{path}: ids differ from {answers}: {len(missing)} missing "
+                              f"({_listing(list(missing))}), {len(extra)} unexpected ({_listing(list(extra))}).")
+    return float((table[HEADER[1]].to_numpy() == truth[table[HEADER[0]]].to_numpy()).mean())
+
+
+def main(argv: Sequence[str] | None = None) -> float | None:
+    """`python -m malaria.submit FILE [--answers KEY]`: validate a submission, score it given a key."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("file", type=Path, nargs="?", default=None,
+                        help="submission CSV (default: the newest in submissions/)")
+    parser.add_argument("--answers", type=Path, default=None,
+                        help="answer key, e.g. ../shared/realdata/dev/test_labels.csv")
+    args = parser.parse_args(argv)
+    file = args.file or newest_submission()
+    if args.answers is None:
+        print(f"{file}: valid, {len(validate_submission(file))} rows")
+        return None
+    accuracy = score(file, args.answers)
+    print(f"{file}: accuracy {accuracy:.4f} against {args.answers}")
+    return accuracy
+
+
+if __name__ == "__main__":
+    main()

@@ -154,3 +154,18 @@ def test_read_sample_submission(tmp_path: Path) -> None:
     assert read_sample_submission(tmp_path) is None
     _csv(tmp_path, "img_name,label\nc.png,0\na.png,0\n", name="sample_submission.csv")
     assert read_sample_submission(tmp_path) == ["c.png", "a.png"]
+
+
+def test_score_is_the_accuracy_against_an_answer_key_in_any_order(tmp_path: Path) -> None:
+    ids = [f"c{i}.png" for i in range(4)]
+    key = write_submission(ids[::-1], [1, 1, 0, 0], tmp_path / "key.csv")  # c3=1 c2=1 c1=0 c0=0
+    guess = write_submission(ids, [0, 1, 1, 1], tmp_path / "guess.csv")
+    assert submit.score(guess, key) == 0.75  # c1 is wrong
+    assert submit.main([str(guess), "--answers", str(key)]) == 0.75
+
+
+def test_score_refuses_a_submission_for_other_images(tmp_path: Path) -> None:
+    key = write_submission(["a.png", "b.png"], [1, 0], tmp_path / "key.csv")
+    other = write_submission(["a.png", "z.png"], [1, 0], tmp_path / "other.csv")
+    with pytest.raises(SubmissionError, match=r"1 missing \('b.png'\), 1 unexpected \('z.png'\)"):
+        submit.score(other, key)
