@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.trainer import Trainer
 from lightning.pytorch.utilities import rank_zero_only
@@ -23,6 +25,11 @@ from malaria.datamodule import MalariaDataModule
 from malaria.models import default_image_size
 from malaria.module import MalariaClassifier
 from malaria.tracking import MODES, WandbSaveConfig, finish_wandb, make_loggers
+
+# Expected here, not worth a line in every run's output: the module's uint8 -> float batch hook is
+# meant to win over the data module's, and Lightning's own pytree call trips a torch deprecation.
+warnings.filterwarnings("ignore", message="You have overridden `on_after_batch_transfer`")
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 # DDP starts the other ranks by running the same command again; they read the run name here.
 RUN_ENV = "MALARIA_RUN"
@@ -85,9 +92,13 @@ class MalariaCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> Trainer:
         config = self.run_config
         loggers = make_loggers(self.run_dir, config.run, config.wandb.mode, config.wandb.project)
-        trainer = super().instantiate_trainer(logger=loggers, **kwargs)
-        trainer.callbacks.append(RecordEnvironment(self.run_dir))
-        return trainer
+        trainer = self._get(self.config_init, "trainer", default={})
+        callbacks = [*(trainer.get("callbacks") or []), RecordEnvironment(self.run_dir)]
+        # Rich progress unless it is switched off: a recipe naming RichProgressBar could not be run
+        # with --trainer.enable_progress_bar false (Lightning refuses the combination).
+        if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(RichProgressBar())
+        return super().instantiate_trainer(logger=loggers, callbacks=callbacks, **kwargs)
 
     def before_fit(self) -> None:
         self.fit_started = time.time()

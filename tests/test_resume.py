@@ -45,7 +45,7 @@ def tiny_recipe(folder: Path) -> Path:
     last.ckpt is saved every few steps instead of every 100; the backbone is frozen for epoch 0
     and unfrozen at epoch 1, the epoch that gets interrupted."""
     config = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
-    callbacks = [c for c in config["trainer"]["callbacks"] if not c["class_path"].endswith(("ProgressBar", "RunReport"))]
+    callbacks = [c for c in config["trainer"]["callbacks"] if not c["class_path"].endswith("RunReport")]
     stepwise = [c for c in callbacks if c.get("init_args", {}).get("every_n_train_steps")]
     assert stepwise, "configs/default.yaml must save last.ckpt every N training steps (issue 8)"
     stepwise[0]["init_args"]["every_n_train_steps"] = EVERY_N_STEPS

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 
 from malaria import predict, train
 from malaria.submit import validate_submission
@@ -79,3 +80,25 @@ def test_missing_data_without_demo_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(DataError, match="no train_data.zip"):
         fit(tmp_path / "empty", tmp_path / "runs", "--data.demo", "false")
+
+
+def test_progress_bar_is_rich_unless_switched_off(demo_dir: Path, tmp_path: Path) -> None:
+    def progress(*extra: str):
+        cli = train.main([*TINY, "--data.data_dir", str(demo_dir), "--runs_dir", str(tmp_path), *extra],
+                         run=False)
+        return cli.trainer.progress_bar_callback
+
+    assert isinstance(progress(), RichProgressBar)
+    assert progress("--trainer.enable_progress_bar", "false") is None
+
+
+RECIPES = sorted(p for p in (Path(__file__).parents[1] / "configs").glob("*.yaml") if p.name != "kaggle.yaml")
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_builds_its_model_data_and_trainer(recipe: Path, tmp_path: Path) -> None:
+    cli = train.main(["--config", str(recipe), "--model.pretrained", "false", "--runs_dir", str(tmp_path),
+                      "--wandb.mode", "disabled"], run=False)
+    assert cli.trainer.checkpoint_callback.monitor == "val/acc"
+    assert cli.datamodule.hparams.image_size >= 32
+    assert sum(p.numel() for p in cli.model.parameters()) > 0
