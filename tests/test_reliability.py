@@ -343,26 +343,14 @@ FAILING = [
         Fails("train_labels.csv", "1 ids have no image in .*train_data.zip: '{culprit}'"),
         id="ids missing from the zip -> error naming them",
     ),
-    pytest.param(
-        lambda f: write_labels(f, labels_csv(f, "1.0")) and first_id(f),
-        Fails("train_labels.csv", r"line 2 \({culprit}\) has label '1.0'"),
-        id="label 1.0 -> error naming line",
-    ),
-    pytest.param(
-        lambda f: write_labels(f, labels_csv(f, "yes")) and first_id(f),
-        Fails("train_labels.csv", r"line 2 \({culprit}\) has label 'yes'"),
-        id="label yes -> error naming line",
-    ),
-    pytest.param(
-        lambda f: write_labels(f, labels_csv(f, "2")) and first_id(f),
-        Fails("train_labels.csv", r"line 2 \({culprit}\) has label '2'"),
-        id="label 2 -> error naming line",
-    ),
-    pytest.param(
-        lambda f: write_labels(f, labels_csv(f, "")) and first_id(f),
-        Fails("train_labels.csv", r"line 2 \({culprit}\) has label ''"),
-        id="missing label -> error naming line",
-    ),
+    *[
+        pytest.param(
+            lambda f, bad=bad: write_labels(f, labels_csv(f, bad)) and first_id(f),
+            Fails("train_labels.csv", rf"line 2 \({{culprit}}\) has label '{re.escape(bad)}'"),
+            id=f"label {bad!r} -> error naming line",
+        )
+        for bad in ("1.0", "yes", "2", "")
+    ],
     pytest.param(
         lambda f: write_labels(f, "\n\n".join(labels_csv(f, "x").split("\n"))) and first_id(f),
         Fails("train_labels.csv", r"line 3 \({culprit}\) has label 'x'"),
@@ -663,33 +651,19 @@ def test_wrong_submission_is_refused_and_left_alone(
 # The training CLI on bad input: the run stops before touching any existing run
 
 
-def _bad_labels(tmp_path: Path) -> Path:
+def _fit_on_bad_labels(tmp_path: Path, workspace: Workspace, run: str, *extra: str) -> None:
     folder = write_competition(tmp_path / "bad", n=N)
     write_labels(folder, labels_csv(folder, "yes"))
-    return folder
+    with pytest.raises(DataError, match="has label 'yes'"):
+        train.main(["fit", "--config", "configs/default.yaml", "--data.data_dir", str(folder),
+                    "--data.cache_dir", str(workspace.cache_dir), "--runs_dir", str(workspace.runs_dir),
+                    "--run", run, "--wandb.mode", "disabled", *extra])
 
 
 def test_training_on_bad_input_leaves_existing_runs_alone(
     tmp_path: Path, workspace: Workspace, before: dict
 ) -> None:
-    with pytest.raises(DataError, match="has label 'yes'"):
-        train.main(
-            [
-                "fit",
-                "--config",
-                "configs/default.yaml",
-                "--data.data_dir",
-                str(_bad_labels(tmp_path)),
-                "--data.cache_dir",
-                str(workspace.cache_dir),
-                "--runs_dir",
-                str(workspace.runs_dir),
-                "--run",
-                "new",
-                "--wandb.mode",
-                "disabled",
-            ]
-        )
+    _fit_on_bad_labels(tmp_path, workspace, "new")
     after = snapshot(workspace.root)
     assert {k: after.get(k) for k in before} == before
     assert all(k.startswith("runs/new/") for k in set(after) - set(before))
@@ -698,25 +672,6 @@ def test_training_on_bad_input_leaves_existing_runs_alone(
 def test_resuming_on_bad_input_leaves_the_run_alone(
     tmp_path: Path, workspace: Workspace, before: dict
 ) -> None:
-    run = workspace.runs_dir / "old"
-    with pytest.raises(DataError, match="has label 'yes'"):
-        train.main(
-            [
-                "fit",
-                "--config",
-                "configs/default.yaml",
-                "--data.data_dir",
-                str(_bad_labels(tmp_path)),
-                "--data.cache_dir",
-                str(workspace.cache_dir),
-                "--runs_dir",
-                str(workspace.runs_dir),
-                "--run",
-                "old",
-                "--ckpt_path",
-                str(run / "checkpoints" / "last.ckpt"),
-                "--wandb.mode",
-                "disabled",
-            ]
-        )
+    last = workspace.runs_dir / "old" / "checkpoints" / "last.ckpt"
+    _fit_on_bad_labels(tmp_path, workspace, "old", "--ckpt_path", str(last))
     workspace.assert_untouched(before)
