@@ -112,7 +112,7 @@ class FeatureHead(MalariaClassifier):
 
     def pooled_features(self, images: torch.Tensor) -> torch.Tensor:
         """timm's pre-logits features of uint8 images: exactly what `net.get_classifier()` sees."""
-        x = (images.float() - self.mean) / self.std
+        x = self.normalise(images)
         return self.net.forward_head(self.net.forward_features(x), pre_logits=True)
 
 

@@ -72,9 +72,13 @@ class MalariaClassifier(L.LightningModule):
         """Logits, one per image, for normalised float images."""
         return self.net(images).squeeze(1)
 
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (N, 3, H, W) -> the network's input, on the model's device."""
+        return (images.to(self.mean.device).float() - self.mean) / self.std
+
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         images, labels, rows = batch
-        images = (images.float() - self.mean) / self.std
+        images = self.normalise(images)
         if self.hparams.batch_dihedral and self.trainer.training:
             images = random_dihedral(images)
         if self.hparams.channels_last:

@@ -41,7 +41,7 @@ from torchmetrics.functional.classification import (
     binary_f1_score,
 )
 
-from malaria import runs, tracking
+from malaria import predict, runs, tracking
 from malaria.atomic import replace_file, write_text
 from malaria.datamodule import MalariaDataModule
 from malaria.module import MalariaClassifier
@@ -96,22 +96,11 @@ class Report:
 
 def load_run(checkpoint: Path, data_dir: str | None = None,
              device: str | torch.device = "cpu") -> tuple[MalariaClassifier, MalariaDataModule]:
-    """The model and the data module of a checkpoint, with the validation split ready.
-
-    The data settings (image size, split seed, fold) come from the checkpoint, so the split is
-    the one the run validated on; `data_dir` only says where the competition files are now."""
-    model = MalariaClassifier.load_from_checkpoint(checkpoint, map_location=device, weights_only=False)
-    overrides = {"data_dir": data_dir} if data_dir else {}
-    datamodule = MalariaDataModule.load_from_checkpoint(checkpoint, weights_only=False, **overrides)
+    """The model and the data module of a checkpoint, with the validation split the run used."""
+    model, datamodule = predict.load(checkpoint, data_dir)
     datamodule.prepare_data()
     datamodule.setup("validate")
-    return model, datamodule
-
-
-def normalise(model: MalariaClassifier, images: torch.Tensor) -> torch.Tensor:
-    """uint8 batch -> the network's input, as `MalariaClassifier.on_after_batch_transfer` does
-    (without its training-only augmentation, which needs an attached Trainer)."""
-    return (images.to(model.device).float() - model.mean) / model.std
+    return model.to(device), datamodule
 
 
 @torch.no_grad()
@@ -125,7 +114,7 @@ def predict_validation(model: MalariaClassifier, datamodule: MalariaDataModule) 
                         num_workers=datamodule.num_workers)
     rows, probs = [], []
     for images, _, batch_rows in loader:
-        probs.append(torch.sigmoid(model(normalise(model, images))).float().cpu())
+        probs.append(torch.sigmoid(model(model.normalise(images))).float().cpu())
         rows.append(batch_rows)
     if not rows:
         raise ValueError(f"{datamodule.source_dir}: the validation split is empty; a report needs "
@@ -284,7 +273,7 @@ def gradcam_figure(model: MalariaClassifier, predictions: ValPredictions, per_gr
     groups = gradcam_groups(predictions, per_group, seed)
     chosen = np.concatenate(list(groups.values()))
     images = predictions.images(chosen)
-    maps = gradcam(model.net, normalise(model, torch.from_numpy(images).permute(0, 3, 1, 2)),
+    maps = gradcam(model.net, model.normalise(torch.from_numpy(images).permute(0, 3, 1, 2)),
                    predictions.preds[chosen])
     cam_of = dict(zip(chosen.tolist(), zip(images, maps)))
     fig = Figure(figsize=(1.7 * per_group, 3.5 * len(groups) + 0.6), layout="constrained")
