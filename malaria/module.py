@@ -50,6 +50,7 @@ class MalariaClassifier(L.LightningModule):
         batch_dihedral: bool = False,
         tta: bool = False,
         channels_last: bool = True,
+        compile_net: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -67,6 +68,8 @@ class MalariaClassifier(L.LightningModule):
         self.val_acc_best.persistent(True)  # a resumed run remembers its best epoch
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
+        if compile_net:  # in place: checkpoints keep the plain network's parameter names
+            self.net.compile()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits, one per image, for normalised float images."""

@@ -43,3 +43,10 @@ def test_warmup_cosine_schedule() -> None:
     factor = warmup_cosine(10, 100)
     assert factor(0) == 0.1 and factor(9) == 1.0
     assert factor(55) < factor(20) and abs(factor(100) - 0.01) < 1e-9
+
+
+def test_compile_switch_keeps_checkpoint_names() -> None:
+    plain = MalariaClassifier(model_kwargs={"widths": (8, 16)})
+    compiled = MalariaClassifier(model_kwargs={"widths": (8, 16)}, compile_net=True)
+    assert compiled.state_dict().keys() == plain.state_dict().keys()
+    assert compiled.net._compiled_call_impl is not None and plain.net._compiled_call_impl is None
