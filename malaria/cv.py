@@ -19,6 +19,7 @@ from rich.table import Table
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc, binary_f1_score
 
 from malaria import runs, train
+from malaria.atomic import replace_file
 from malaria.predict import load, predict_split
 
 
@@ -57,19 +58,22 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     args, overrides = parser.parse_known_args(argv)
     name = args.name or runs.new_run_name(args.config, tag=f"cv{args.k}")
 
-    rows, oof = [], []
+    rows, oof, fold_dirs = [], [], []
     for fold in range(args.k):
         run_dir = run_fold(args.config, args.k, fold, name, args.runs_dir, overrides)
+        fold_dirs.append(str(run_dir))
         ids, probs, labels = predict_split(*load(runs.best_checkpoint(run_dir)), split="val")
         rows.append({"fold": fold, "images": len(ids), **fold_metrics(probs, labels)})
         oof.append(pd.DataFrame({"img_name": ids, "label": labels, "prob": probs, "fold": fold}))
 
     per_fold = pd.DataFrame(rows)
-    pd.concat(oof).to_csv(args.runs_dir / f"{name}-oof.csv", index=False)
+    replace_file(args.runs_dir / f"{name}-oof.csv", lambda f: pd.concat(oof).to_csv(f, index=False))
     summary = {"name": name, "k": args.k, "folds": rows,
                "mean": per_fold.mean(numeric_only=True).to_dict(), "std": per_fold.std(numeric_only=True).to_dict()}
     runs.write_json(args.runs_dir / f"{name}-cv.json", summary)
-    Console().print(summarise(per_fold))
+    console = Console()
+    console.print(summarise(per_fold))
+    console.print(f"Ensemble the folds: make predict RUN=\"{' '.join(fold_dirs)}\"")
     return per_fold
 
 
