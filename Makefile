@@ -56,7 +56,7 @@ report: install
 	$(PY) -m malaria.report $(if $(RUN),--run $(RUN)) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 bench: install
-	$(PY) -m malaria.bench --config $(CONFIG) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
+	@$(PY) -m malaria.bench --config $(CONFIG) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
 		$(if $(BATCHES),--batches $(BATCHES)) $(ARGS)
 
 score: install
