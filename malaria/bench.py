@@ -1,7 +1,8 @@
 """Throughput of the data pipeline and the model: `make bench`, or
 
     python -m malaria.bench [--data-dir ../shared/realdata/dev] [--config configs/default.yaml]
-                            [--batches 10] [--warmup 2] [--compile] [--model.channels_last false ...]
+                            [--batches 8] [--data-batches 40] [--warmup 2] [--compile]
+                            [--model.channels_last false ...]
 
 For a recipe's model, image size, batch size and augmentation it measures images per second of:
   decode   zip members to arrays at the model's size (the project does it once, into the cache)
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import itertools
 import json
 import os
@@ -48,7 +50,7 @@ from torch.utils.data import DataLoader
 from malaria import cache
 from malaria.archive import ImageTable
 from malaria.checkpointing import ResumableSampler
-from malaria.datamodule import CellDataset, MalariaDataModule
+from malaria.datamodule import CellDataset, MalariaDataModule, default_workers, whole_batch
 from malaria.module import MalariaClassifier
 from malaria.train import default_precision
 from malaria.transforms import train_transform
@@ -67,10 +69,10 @@ class ZipDataset(CellDataset):
         self.size = size
         self._zip: zipfile.ZipFile | None = None
 
-    def image(self, row: int) -> np.ndarray:
+    def images(self, rows: np.ndarray) -> np.ndarray:
         if self._zip is None:  # one handle per process: an open ZipFile must not cross a fork
             self._zip = zipfile.ZipFile(self.cache_path)
-        return cache.decode(self._zip.read(self.members[row]), self.size)
+        return np.stack([cache.decode(self._zip.read(self.members[row]), self.size) for row in rows])
 
 
 @dataclass
@@ -128,6 +130,7 @@ def load_recipe(config: Path, overrides: Sequence[str]) -> tuple[MalariaClassifi
     parser.add_argument("--recipe", action=ActionConfigFile)
     parser.add_class_arguments(MalariaClassifier, "model", fail_untyped=False, sub_configs=True)
     parser.add_class_arguments(MalariaDataModule, "data", fail_untyped=False, sub_configs=True)
+    parser.link_arguments("data.augment", "model.augment")  # as MalariaCLI does
     sections = {key: recipe.get(key) or {} for key in ("model", "data")}
     parsed = parser.parse_args(["--recipe", yaml.safe_dump(sections), *overrides])
     built = parser.instantiate_classes(parsed)
@@ -137,19 +140,27 @@ def load_recipe(config: Path, overrides: Sequence[str]) -> tuple[MalariaClassifi
 def naive_setup(model: MalariaClassifier, datamodule: MalariaDataModule) -> tuple[MalariaClassifier, A.Compose]:
     """The same model, with every augmentation image by image on the CPU (so none on the device)."""
     naive = copy.deepcopy(model)
-    transforms = [train_transform(datamodule.augment)]
+    naive.batch_augment = None
+    transforms = [train_transform(dataclasses.replace(datamodule.augment, on_device=False))]
     if naive.hparams.batch_dihedral:
         naive.hparams.batch_dihedral = False
         transforms.append(A.SquareSymmetry(p=1.0))  # albumentations' uniform draw of the 8 dihedral views
     return naive, A.Compose(transforms)
 
 
-def loader(dataset: CellDataset, datamodule: MalariaDataModule, shuffle: bool) -> DataLoader:
-    """A DataLoader with the datamodule's batch size, workers and (for training) its sampler."""
-    workers = datamodule.num_workers
+def naive_workers(datamodule: MalariaDataModule) -> int:
+    """The naive pipeline decodes every image it loads: it gets the workers per-image work gets,
+    unless the recipe sets them."""
+    workers = datamodule.hparams.num_workers
+    return default_workers(per_image_work=True) if workers is None else workers
+
+
+def loader(dataset: CellDataset, datamodule: MalariaDataModule, workers: int, shuffle: bool) -> DataLoader:
+    """A DataLoader with the datamodule's batch size and (for training) its sampler."""
     sampler = ResumableSampler(dataset, seed=datamodule.hparams.seed) if shuffle else None
     return DataLoader(dataset, batch_size=datamodule.hparams.batch_size, sampler=sampler, drop_last=shuffle,
-                      num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+                      num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+                      collate_fn=whole_batch)
 
 
 def cycle(batches: Iterable, count: int) -> Iterable:
@@ -165,7 +176,7 @@ def time_decode(table: ImageTable, size: int, count: int, workers: int) -> tuple
         cache.build(subset, size, Path(tmp), "bench")
         project = Result("decode", "project", len(subset), time.perf_counter() - start)
     dataset = ZipDataset(subset, size, np.arange(len(subset)), None)
-    batches = DataLoader(dataset, batch_size=64, num_workers=workers)
+    batches = DataLoader(dataset, batch_size=64, num_workers=workers, collate_fn=whole_batch)
     start = time.perf_counter()
     images = sum(len(batch[0]) for batch in batches)
     return project, Result("decode", "naive", images, time.perf_counter() - start)
@@ -173,11 +184,8 @@ def time_decode(table: ImageTable, size: int, count: int, workers: int) -> tuple
 
 def time_data(batches: Iterable, model: MalariaClassifier, warmup: int, count: int, pipeline: str) -> Result:
     """Training batches as the model receives them: loaded, transferred, transformed on the device."""
-    trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_progress_bar=False)
-    trainer.training = True  # the model's batch transforms apply only while training
-    model.trainer = trainer
-    device = trainer.strategy.root_device
-    model.to(device)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).train()  # the model's batch transforms apply to training batches only
     images, start = 0, time.perf_counter()
     for i, batch in enumerate(cycle(batches, warmup + count)):
         batch = [t.to(device, non_blocking=True) for t in batch]
@@ -187,7 +195,6 @@ def time_data(batches: Iterable, model: MalariaClassifier, warmup: int, count: i
             start = time.perf_counter()
         elif i >= warmup:
             images += len(batch[0])
-    model.trainer = None
     return Result("data", pipeline, images, time.perf_counter() - start)
 
 
@@ -212,7 +219,7 @@ def time_predict(model: MalariaClassifier, batches: DataLoader, warmup: int, cou
 
 
 def run(model: MalariaClassifier, datamodule: MalariaDataModule, batches: int, warmup: int,
-        compile_net: bool = False) -> Iterator[Result]:
+        compile_net: bool = False, data_batches: int | None = None) -> Iterator[Result]:
     """Every stage for both pipelines, as each finishes; the models start from the same weights."""
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -225,16 +232,19 @@ def run(model: MalariaClassifier, datamodule: MalariaDataModule, batches: int, w
     # Prediction reads the training images without augmentation: a test set may be too small to time.
     predict_rows = np.resize(np.arange(len(table)), (warmup + batches) * datamodule.hparams.batch_size)
 
-    yield from time_decode(table, size, min(len(table), batches * datamodule.hparams.batch_size),
-                           datamodule.num_workers)
-    yield time_data(datamodule.train_dataloader(), model, warmup, batches, "project")
-    naive_train = loader(ZipDataset(table, size, datamodule.train_rows, naive_transform), datamodule, shuffle=True)
-    yield time_data(naive_train, naive_model, warmup, batches, "naive")
+    workers = naive_workers(datamodule)
+    yield from time_decode(table, size, min(len(table), batches * datamodule.hparams.batch_size), workers)
+    data_batches = data_batches or batches
+    yield time_data(datamodule.train_dataloader(), model, warmup, data_batches, "project")
+    naive_train = loader(ZipDataset(table, size, datamodule.train_rows, naive_transform), datamodule, workers,
+                         shuffle=True)
+    yield time_data(naive_train, naive_model, warmup, data_batches, "naive")
     yield time_train(project_trained, warmup, batches, "project", datamodule=datamodule)
     yield time_train(naive_trained, warmup, batches, "naive", train_dataloaders=naive_train)
-    cached = loader(CellDataset(datamodule.train_cache, predict_rows, None), datamodule, shuffle=False)
+    cached = loader(CellDataset(datamodule.train_cache, predict_rows, None), datamodule, datamodule.num_workers,
+                    shuffle=False)
     yield time_predict(model, cached, warmup, batches, "project")
-    zipped = loader(ZipDataset(table, size, predict_rows, None), datamodule, shuffle=False)
+    zipped = loader(ZipDataset(table, size, predict_rows, None), datamodule, workers, shuffle=False)
     yield time_predict(naive_model, zipped, warmup, batches, "naive")
 
 
@@ -255,7 +265,7 @@ def peak_rss_mib() -> dict[str, float]:
 def table(setup: dict[str, Any], results: Sequence[Result], ratio: dict[str, float], memory: dict[str, Any]) -> Table:
     speed = {(r.stage, r.pipeline): r.images_per_s for r in results}
     out = Table(title=f"malaria bench: {setup['model']} at {setup['image_size']} px, batch {setup['batch_size']}, "
-                      f"{setup['num_workers']} workers, {setup['device']}, {setup['precision']}")
+                      f"workers {setup['num_workers']} / {setup['naive_num_workers']} (project / naive), {setup['device']}, {setup['precision']}")
     out.add_column("stage")
     for pipeline in PIPELINES:
         out.add_column(f"{pipeline} img/s", justify="right")
@@ -274,6 +284,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, default=Path("configs/default.yaml"), help="training recipe")
     parser.add_argument("--data-dir", default=None, help="competition folder (default: the recipe's, or demo data)")
     parser.add_argument("--batches", type=int, default=8, help="timed batches per stage and pipeline")
+    parser.add_argument("--data-batches", type=int, default=40,
+                        help="timed batches of the data stage, which is cheap enough to time longer")
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches before each timing")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network (warm-up compiles)")
     return parser
@@ -281,8 +293,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args, overrides = _parser().parse_known_args(argv)
-    if args.batches < 1 or args.warmup < 1:
-        raise SystemExit("--batches and --warmup must be at least 1")
+    if min(args.batches, args.data_batches, args.warmup) < 1:
+        raise SystemExit("--batches, --data-batches and --warmup must be at least 1")
     if args.data_dir:
         overrides = [*overrides, "--data.data_dir", args.data_dir]
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -301,15 +313,17 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             "kind": "setup", "config": str(args.config), "data_source": str(datamodule.source_dir),
             "demo": datamodule.source_dir != datamodule.data_dir, "model": model.hparams.model,
             "image_size": datamodule.hparams.image_size, "batch_size": datamodule.hparams.batch_size,
-            "num_workers": datamodule.num_workers, "channels_last": model.hparams.channels_last,
+            "num_workers": datamodule.num_workers, "naive_num_workers": naive_workers(datamodule),
+            "on_device_augment": datamodule.augment.on_device, "channels_last": model.hparams.channels_last,
             "batch_dihedral": model.hparams.batch_dihedral, "tta": model.hparams.tta, "compile": args.compile,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "precision": default_precision(), "torch_threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "batches": args.batches, "warmup": args.warmup,
+            "cpu_count": os.cpu_count(), "batches": args.batches,
+            "data_batches": args.data_batches, "warmup": args.warmup,
         }
         emit(setup)
         results = []
-        for result in run(model, datamodule, args.batches, args.warmup, args.compile):
+        for result in run(model, datamodule, args.batches, args.warmup, args.compile, args.data_batches):
             results.append(result)
             emit(result.record())
     ratio = ratios(results)

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from malaria.atomic import replace_file
-from malaria.datamodule import CellDataset, MalariaDataModule
+from malaria.datamodule import CellDataset, MalariaDataModule, whole_batch
 from malaria.module import Batch, MalariaClassifier
 from malaria.train import MalariaCLI
 
@@ -132,7 +132,7 @@ def extract(head: FeatureHead, dataset: Dataset, batch_size: int, num_workers: i
             accelerator: str = "auto", precision: str | None = None) -> np.ndarray:
     """Pooled features of every image of `dataset`, in row order, through Lightning's predict loop
     (so a GPU and mixed precision are used where the trainer would use them)."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=whole_batch)
     trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False,
                         enable_checkpointing=False, enable_model_summary=False)
     outputs = trainer.predict(_Extractor(head), loader)

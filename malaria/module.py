@@ -13,10 +13,9 @@ from torch import nn
 from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score
 
+from malaria.datamodule import Batch
 from malaria.models import create_model
-from malaria.transforms import dihedral_views, random_dihedral
-
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+from malaria.transforms import Augment, BatchAugment, dihedral_views, random_dihedral
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, floor: float = 0.01):
@@ -34,8 +33,10 @@ def warmup_cosine(warmup_steps: int, total_steps: int, floor: float = 0.01):
 class MalariaClassifier(L.LightningModule):
     """Binary classifier (1 = parasitized) around any `timm.create_model` network.
 
-    Batches arrive as uint8 images; they are normalised here, on the model's device, with the
-    network's own pretrained mean and std, so the DataLoader moves 4x fewer bytes."""
+    Batches arrive as uint8 images; they are augmented (training, `augment.on_device`) and
+    normalised here, on the model's device, with the network's own pretrained mean and std, so the
+    DataLoader moves 4x fewer bytes. `augment` is the datamodule's (the CLI links the two), which
+    runs the rest in its workers."""
 
     def __init__(
         self,
@@ -51,6 +52,7 @@ class MalariaClassifier(L.LightningModule):
         tta: bool = False,
         channels_last: bool = True,
         compile_net: bool = False,
+        augment: Augment | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -59,6 +61,10 @@ class MalariaClassifier(L.LightningModule):
         data_config = timm.data.resolve_model_data_config(self.net)
         self.register_buffer("mean", torch.tensor(data_config["mean"]).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(data_config["std"]).view(1, 3, 1, 1) * 255, persistent=False)
+        if isinstance(augment, dict):  # as the CLI's link and a checkpoint's hyperparameters pass it
+            augment = Augment(**augment)
+        augment = augment or Augment()
+        self.batch_augment = BatchAugment(augment) if augment.on_device else None
         self.criterion = nn.BCEWithLogitsLoss()
         metrics = MetricCollection({"acc": BinaryAccuracy(), "f1": BinaryF1Score(), "auroc": BinaryAUROC()})
         self.train_metrics = metrics.clone(prefix="train/")
@@ -81,8 +87,11 @@ class MalariaClassifier(L.LightningModule):
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         images, labels, rows = batch
+        # Lightning puts the module in train mode for training batches only.
+        if self.training and self.batch_augment is not None:
+            images = self.batch_augment(images)
         images = self.normalise(images)
-        if self.hparams.batch_dihedral and self.trainer.training:
+        if self.training and self.hparams.batch_dihedral:
             images = random_dihedral(images)
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

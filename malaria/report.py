@@ -43,7 +43,7 @@ from torchmetrics.functional.classification import (
 
 from malaria import predict, runs, tracking
 from malaria.atomic import replace_file, write_text
-from malaria.datamodule import MalariaDataModule
+from malaria.datamodule import MalariaDataModule, whole_batch
 from malaria.module import MalariaClassifier
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def predict_validation(model: MalariaClassifier, datamodule: MalariaDataModule) 
     # All of the split in one process: under DDP the module's own loader holds one rank's share.
     dataset = datamodule.val_dataloader().dataset
     loader = DataLoader(dataset, batch_size=datamodule.hparams.batch_size,
-                        num_workers=datamodule.num_workers)
+                        num_workers=datamodule.num_workers, collate_fn=whole_batch)
     rows, probs = [], []
     for images, _, batch_rows in loader:
         probs.append(torch.sigmoid(model(model.normalise(images))).float().cpu())

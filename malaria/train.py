@@ -64,6 +64,8 @@ class MalariaCLI(LightningCLI):
         parser.add_argument("--runs_dir", type=str, default=str(runs.RUNS_DIR))
         parser.add_argument("--wandb.mode", type=str, default="auto", help=f"One of {MODES}.")
         parser.add_argument("--wandb.project", type=str, default="malaria")
+        # One augmentation config: the datamodule runs its per-image part, the model its batch part.
+        parser.link_arguments("data.augment", "model.augment")
 
     @property
     def run_config(self):

@@ -9,7 +9,7 @@ import torch
 
 from malaria import bench
 
-TINY = ["--batches", "1", "--warmup", "1", "--data.image_size", "32", "--data.batch_size", "8",
+TINY = ["--batches", "1", "--data-batches", "1", "--warmup", "1", "--data.image_size", "32", "--data.batch_size", "8",
         "--data.num_workers", "0", "--model.model_kwargs", '{"widths": [8, 16]}', "--model.tta", "false"]
 
 
@@ -46,7 +46,9 @@ def test_the_naive_model_moves_device_augmentation_to_the_cpu() -> None:
     model, datamodule = bench.load_recipe(Path("configs/default.yaml"), ["--model.batch_dihedral", "true"])
     naive, transform = bench.naive_setup(model, datamodule)
     assert model.hparams.batch_dihedral and not naive.hparams.batch_dihedral
-    assert any(isinstance(t, A.SquareSymmetry) for t in transform.transforms)
+    assert model.batch_augment is not None and naive.batch_augment is None
+    steps = [type(t) for t in transform.transforms[0].transforms] + [type(t) for t in transform.transforms[1:]]
+    assert {A.HorizontalFlip, A.Affine, A.ColorJitter, A.SquareSymmetry} <= set(steps)
 
 
 def test_bad_arguments_are_refused() -> None:

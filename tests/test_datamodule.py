@@ -13,7 +13,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from malaria.checkpointing import ResumableLoader, ResumableSampler
-from malaria.datamodule import CellDataset, MalariaDataModule
+from malaria.datamodule import CellDataset, MalariaDataModule, whole_batch
 from malaria.transforms import Augment, train_transform
 
 BATCH = 8
@@ -30,10 +30,10 @@ def same_image_cache(tmp_path: Path) -> Path:
 
 def epoch_batches(cache_path: Path, workers: int, seed: int = 0, epoch: int = 0) -> list[torch.Tensor]:
     """The training batches of one epoch, as the datamodule's sampler orders and seeds them."""
-    dataset = CellDataset(cache_path, np.arange(4 * BATCH), None, train_transform(Augment()))
+    dataset = CellDataset(cache_path, np.arange(4 * BATCH), None, train_transform(Augment(on_device=False)))
     sampler = ResumableSampler(dataset, seed=seed)
     sampler.set_epoch(epoch)
-    loader = ResumableLoader(dataset, batch_size=BATCH, sampler=sampler, num_workers=workers)
+    loader = ResumableLoader(dataset, batch_size=BATCH, sampler=sampler, num_workers=workers, collate_fn=whole_batch)
     return [batch[0] for batch in loader]
 
 

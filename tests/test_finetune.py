@@ -14,7 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 
 from malaria import train
-from malaria.datamodule import CellDataset, MalariaDataModule
+from malaria.datamodule import CellDataset, MalariaDataModule, whole_batch
 from malaria.finetune import FeatureExtraction, FineTune, layer_groups
 from malaria.models import create_model
 from malaria.module import MalariaClassifier
@@ -186,7 +186,7 @@ class InOrder(MalariaDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(CellDataset(self.train_cache, self.train_rows, self.train_table.labels),
-                          batch_size=self.hparams.batch_size)
+                          batch_size=self.hparams.batch_size, collate_fn=whole_batch)
 
 
 def training_state(model: MalariaClassifier, trainer: L.Trainer) -> dict:

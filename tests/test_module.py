@@ -23,7 +23,7 @@ def test_random_dihedral_keeps_each_image_content() -> None:
 
 
 def test_batches_are_normalised_on_device_with_the_backbone_stats() -> None:
-    model = MalariaClassifier(model_kwargs={"widths": (8, 16)})
+    model = MalariaClassifier(model_kwargs={"widths": (8, 16)}).eval()
     images, labels, rows = model.on_after_batch_transfer(_batch(), 0)
     assert images.dtype == torch.float32
     assert -3 < images.min() < -1 and 1 < images.max() < 3  # (x/255 - 0.5) / 0.25

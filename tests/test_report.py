@@ -38,7 +38,7 @@ def reported(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def metrics_table(markdown: str) -> dict[str, float]:
-    return {k: float(v) for k, v in re.findall(r"^\| (\w+) \| ([0-9.]+) \|$", markdown, flags=re.M)}
+    return {k: float(v) for k, v in re.findall(r"^\| (\w+) \| ([0-9.]+) \|$", markdown, flags=re.MULTILINE)}
 
 
 def test_fit_end_writes_every_figure_as_a_real_png(reported: Path) -> None:

@@ -92,6 +92,19 @@ def test_progress_bar_is_rich_unless_switched_off(demo_dir: Path, tmp_path: Path
     assert progress("--trainer.enable_progress_bar", "false") is None
 
 
+@pytest.mark.parametrize("on_device", ["true", "false"])
+def test_one_augment_config_splits_between_workers_and_device(on_device: str, demo_dir: Path,
+                                                                tmp_path: Path) -> None:
+    cli = train.main([*TINY, "--data.data_dir", str(demo_dir), "--runs_dir", str(tmp_path),
+                      "--data.augment.on_device", on_device, "--data.augment.zoom", "0.3"], run=False)
+    assert cli.model.batch_augment is None or cli.model.batch_augment.aug == cli.datamodule.augment
+    assert cli.datamodule.augment.zoom == 0.3
+    assert (cli.model.batch_augment is not None) == (on_device == "true")
+    cli.datamodule.setup("fit")
+    worker_transform = cli.datamodule.train_dataloader().dataset.transform
+    assert (worker_transform is None) == (on_device == "true")
+
+
 RECIPES = sorted(p for p in (Path(__file__).parents[1] / "configs").glob("*.yaml") if p.name != "kaggle.yaml")
 
 
