@@ -265,7 +265,8 @@ def peak_rss_mib() -> dict[str, float]:
 def table(setup: dict[str, Any], results: Sequence[Result], ratio: dict[str, float], memory: dict[str, Any]) -> Table:
     speed = {(r.stage, r.pipeline): r.images_per_s for r in results}
     out = Table(title=f"malaria bench: {setup['model']} at {setup['image_size']} px, batch {setup['batch_size']}, "
-                      f"workers {setup['num_workers']} / {setup['naive_num_workers']} (project / naive), {setup['device']}, {setup['precision']}")
+                      f"workers {setup['num_workers']} / {setup['naive_num_workers']} (project / naive), "
+                      f"{setup['device']}, {setup['precision']}")
     out.add_column("stage")
     for pipeline in PIPELINES:
         out.add_column(f"{pipeline} img/s", justify="right")

@@ -96,7 +96,7 @@ class BatchAugment(nn.Module):
     def __init__(self, aug: Augment) -> None:
         super().__init__()
         zoom, shear = aug.zoom, aug.shear
-        self.geometry = K.AugmentationSequential(
+        self.geometry = nn.Sequential(
             K.RandomHorizontalFlip(p=aug.hflip),
             K.RandomVerticalFlip(p=aug.vflip),
             K.RandomAffine(degrees=aug.rotate, translate=(aug.shift, aug.shift),
