@@ -103,6 +103,7 @@ class MalariaDataModule(L.LightningDataModule):
         image_size: int | None = 64,
         val_fraction: float = 0.2,
         fold: int = 0,
+        split: splits.Split = "slide",
         seed: int = 42,
         batch_size: int = 128,
         num_workers: int | None = None,
@@ -169,7 +170,7 @@ class MalariaDataModule(L.LightningDataModule):
             self.train_table = archive.load_train(source)
             self.train_rows, self.val_rows = splits.holdout(
                 self.train_table.labels, self.train_table.ids, self.hparams.val_fraction, self.hparams.seed,
-                self.hparams.fold,
+                self.hparams.fold, self.hparams.split,
             )
             self.train_cache = cache.build(self.train_table, size, self.cache_dir, "train")
         if stage in ("test", "predict") and self.test_table is None:

@@ -54,3 +54,17 @@ def test_kfold_covers_every_image_once_in_validation() -> None:
     folds = splits.kfold(labels, names, 5, seed=0)
     seen = np.concatenate([val for _, val in folds])
     assert sorted(seen.tolist()) == list(range(len(names)))
+
+
+def test_random_split_ignores_slides_but_keeps_class_balance() -> None:
+    names, labels = _names(20, 10)
+    train, val = splits.holdout(labels, names, 0.2, seed=0, split="random")
+    slides = splits.groups(names)
+    assert len(val) == 40 and labels[val].sum() == 20
+    assert len(set(slides[train]) & set(slides[val])) > 10  # cells of one slide on both sides
+
+
+def test_unknown_split_is_refused() -> None:
+    names, labels = _names(4, 5)
+    with pytest.raises(ValueError, match="split must be"):
+        splits.kfold(labels, names, 2, seed=0, split="patient")
