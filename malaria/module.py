@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 import timm
 import torch
+from timm.data import Mixup
 from timm.optim import create_optimizer_v2
 from torch import nn
 from torchmetrics import MaxMetric, MetricCollection
@@ -36,7 +37,10 @@ class MalariaClassifier(L.LightningModule):
     Batches arrive as uint8 images; they are augmented (training, `augment.on_device`) and
     normalised here, on the model's device, with the network's own pretrained mean and std, so the
     DataLoader moves 4x fewer bytes. `augment` is the datamodule's (the CLI links the two), which
-    runs the rest in its workers."""
+    runs the rest in its workers.
+
+    `mixup` takes `timm.data.Mixup`'s arguments (`mixup_alpha`, `cutmix_alpha`, `prob`,
+    `switch_prob`...) and mixes training batches and their labels; the loss then sees soft labels."""
 
     def __init__(
         self,
@@ -48,6 +52,7 @@ class MalariaClassifier(L.LightningModule):
         weight_decay: float = 0.05,
         warmup_epochs: float = 1.0,
         label_smoothing: float = 0.0,
+        mixup: dict[str, Any] | None = None,
         batch_dihedral: bool = False,
         tta: bool = False,
         channels_last: bool = True,
@@ -65,6 +70,8 @@ class MalariaClassifier(L.LightningModule):
             augment = Augment(**augment)
         augment = augment or Augment()
         self.batch_augment = BatchAugment(augment) if augment.on_device else None
+        # One logit per image: timm's multi-label form mixes the 0/1 labels themselves.
+        self.mixup = Mixup(**mixup, label_smoothing=0.0, num_classes=1, multi_label=True) if mixup else None
         self.criterion = nn.BCEWithLogitsLoss()
         metrics = MetricCollection({"acc": BinaryAccuracy(), "f1": BinaryF1Score(), "auroc": BinaryAUROC()})
         self.train_metrics = metrics.clone(prefix="train/")
@@ -93,6 +100,9 @@ class MalariaClassifier(L.LightningModule):
         images = self.normalise(images)
         if self.training and self.hparams.batch_dihedral:
             images = random_dihedral(images)
+        if self.training and self.mixup is not None and len(images) % 2 == 0:  # timm pairs image i with N-1-i
+            images, labels = self.mixup(images, labels[:, None])
+            labels = labels.squeeze(1)
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, labels, rows
@@ -102,7 +112,8 @@ class MalariaClassifier(L.LightningModule):
         logits = self(images)
         smoothing = self.hparams.label_smoothing
         loss = self.criterion(logits, labels * (1 - smoothing) + 0.5 * smoothing)
-        return loss, torch.sigmoid(logits), labels.long()
+        # Metrics count a mixed image as its larger part's class.
+        return loss, torch.sigmoid(logits), (labels >= 0.5).long()
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss, probs, labels = self.model_step(batch)

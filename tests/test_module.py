@@ -1,3 +1,4 @@
+import numpy as np
 import torch
 
 from malaria.module import MalariaClassifier, warmup_cosine
@@ -50,3 +51,26 @@ def test_compile_switch_keeps_checkpoint_names() -> None:
     compiled = MalariaClassifier(model_kwargs={"widths": (8, 16)}, compile_net=True)
     assert compiled.state_dict().keys() == plain.state_dict().keys()
     assert compiled.net._compiled_call_impl is not None and plain.net._compiled_call_impl is None
+
+
+def test_mixup_mixes_training_images_and_labels_alike() -> None:
+    model = MalariaClassifier(model_kwargs={"widths": (8, 16)}, mixup={"mixup_alpha": 4.0}, channels_last=False)
+    model.batch_augment = None  # only the mixing under test
+    raw = _batch(n=6)
+    plain, _, _ = model.eval().on_after_batch_transfer(raw, 0)
+    np.random.seed(1)  # timm draws the mixing weight from numpy
+    images, labels, _ = model.train().on_after_batch_transfer(raw, 0)
+    share = labels[0].item()  # a label-0 image mixed with a label-1 one: its label is the other's share
+    assert 0.05 < share < 0.95 and torch.allclose(labels, torch.tensor([share, 1 - share] * 3), atol=1e-6)
+    assert torch.allclose(images, (1 - share) * plain + share * plain.flip(0), atol=1e-5)
+    _, _, metric_labels = model.model_step((images, labels, raw[2]))
+    assert metric_labels.tolist() == (labels >= 0.5).long().tolist()
+
+
+def test_mixup_leaves_evaluation_and_odd_batches_alone() -> None:
+    model = MalariaClassifier(model_kwargs={"widths": (8, 16)}, mixup={"cutmix_alpha": 1.0, "mixup_alpha": 0.0})
+    model.batch_augment = None
+    raw = _batch(n=4)
+    assert torch.equal(model.eval().on_after_batch_transfer(raw, 0)[1], raw[1])
+    odd = (raw[0][:3], raw[1][:3], raw[2][:3])
+    assert torch.equal(model.train().on_after_batch_transfer(odd, 0)[1], odd[1])
