@@ -433,6 +433,9 @@ class RunReport(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.fast_dev_run:  # a smoke test writes no checkpoints or metrics to report on
             return
+        if trainer.limit_val_batches == 0:
+            print("No report: the run validated on nothing (a full fit, data.val_fraction 0).")
+            return
         # Not trainer.log_dir: under DDP it is a collective call, which rank zero alone would hang in.
         run_dir = Path(trainer.default_root_dir)
         try:

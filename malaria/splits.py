@@ -50,8 +50,11 @@ def kfold(labels: np.ndarray, names: Sequence[str], n_folds: int, seed: int,
 
 def holdout(labels: np.ndarray, names: Sequence[str], val_fraction: float, seed: int,
             fold: int = 0, split: Split = "slide") -> tuple[np.ndarray, np.ndarray]:
-    """Train and validation indices with about `val_fraction` of the images in validation."""
+    """Train and validation indices with about `val_fraction` of the images in validation;
+    `val_fraction=0` trains on every image and validates on none (a full fit)."""
+    if val_fraction == 0:
+        return np.arange(len(labels)), np.empty(0, dtype=np.int64)
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+        raise ValueError(f"val_fraction must be 0 (no holdout) or between 0 and 1, got {val_fraction}")
     n_folds = max(2, round(1 / val_fraction))
     return kfold(labels, names, n_folds, seed, split)[fold]

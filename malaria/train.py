@@ -4,6 +4,9 @@ LightningCLI builds the model, data and trainer from the YAML recipe; this subcl
 run directory (`runs/<name>/`), the loggers, and a summary written at the end of training.
 Resume an interrupted run with
 `--config runs/<name>/config.yaml --ckpt_path runs/<name>/checkpoints/last.ckpt` (`make train RESUME=runs/<name>`).
+
+`--data.val_fraction 0` is a full fit, the last step before a submission: every training image
+trains, for the recipe's epochs, and the final weights are the run's `best.ckpt`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.trainer import Trainer
 from lightning.pytorch.utilities import rank_zero_only
@@ -57,6 +60,20 @@ class RecordEnvironment(L.Callback):
         runs.write_json(self.run_dir / "environment.json", runs.environment())
 
 
+def full_fit_callbacks(callbacks: list[Callback]) -> list[Callback]:
+    """With no holdout there is nothing to monitor: no early stopping, and a monitored checkpoint
+    becomes one of the latest epoch under the same name."""
+    kept = []
+    for callback in callbacks:
+        if isinstance(callback, EarlyStopping):
+            continue
+        if isinstance(callback, ModelCheckpoint) and callback.monitor is not None:
+            callback = ModelCheckpoint(dirpath=callback.dirpath, filename=callback.filename,
+                                       enable_version_counter=False)
+        kept.append(callback)
+    return kept
+
+
 class MalariaCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run", type=str | None, default=None,
@@ -89,6 +106,9 @@ class MalariaCLI(LightningCLI):
                              "or pick another run name.")
         config.trainer.default_root_dir = str(run_dir)
         config.trainer.precision = config.trainer.precision or default_precision()
+        self.full_fit = config.data.val_fraction == 0
+        if self.full_fit:
+            config.trainer.limit_val_batches = 0
         self.run_dir = run_dir
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
@@ -96,6 +116,8 @@ class MalariaCLI(LightningCLI):
         loggers = make_loggers(self.run_dir, config.run, config.wandb.mode, config.wandb.project)
         trainer = self._get(self.config_init, "trainer", default={})
         callbacks = [*(trainer.get("callbacks") or []), RecordEnvironment(self.run_dir)]
+        if self.full_fit:
+            callbacks = full_fit_callbacks(callbacks)
         # Rich progress unless it is switched off: a recipe naming RichProgressBar could not be run
         # with --trainer.enable_progress_bar false (Lightning refuses the combination).
         if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
@@ -118,7 +140,8 @@ class MalariaCLI(LightningCLI):
         }
         if self.trainer.is_global_zero:
             runs.write_json(self.run_dir / "summary.json", summary)
-            print(f"Run {summary['run']}: best val/acc {summary['best_val_acc']} -> {summary['best_checkpoint']}")
+            scored = "full fit, no holdout" if self.full_fit else f"best val/acc {summary['best_val_acc']}"
+            print(f"Run {summary['run']}: {scored} -> {summary['best_checkpoint']}")
         finish_wandb(self.trainer.loggers)
 
 

@@ -68,3 +68,11 @@ def test_unknown_split_is_refused() -> None:
     names, labels = _names(4, 5)
     with pytest.raises(ValueError, match="split must be"):
         splits.kfold(labels, names, 2, seed=0, split="patient")
+
+
+def test_no_holdout_is_a_full_fit() -> None:
+    names, labels = _names(4, 5)
+    train, val = splits.holdout(labels, names, 0, seed=0)
+    assert train.tolist() == list(range(20)) and len(val) == 0
+    with pytest.raises(ValueError, match="val_fraction"):
+        splits.holdout(labels, names, 1.0, seed=0)

@@ -75,6 +75,23 @@ def test_resume_continues_from_last_checkpoint(trained: Path, tmp_path: Path) ->
     assert json.loads((run / "summary.json").read_text())["epochs"] == 3
 
 
+def test_full_fit_trains_on_every_image_and_keeps_the_final_weights(demo_dir: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    cli = fit(demo_dir, tmp_path, "--run", "full", "--trainer.max_epochs", "2", "--data.val_fraction", "0")
+    run = tmp_path / "full"
+    assert len(cli.datamodule.train_rows) == len(cli.datamodule.train_table) and len(cli.datamodule.val_rows) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_val_acc"] is None and summary["epochs"] == 2
+    assert not any(c.startswith("val/") for c in pd.read_csv(run / "metrics.csv").columns)
+    best = torch.load(run / "checkpoints" / "best.ckpt", weights_only=False)
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert best["epoch"] == 1 and all(torch.equal(best["state_dict"][k], v) for k, v in last["state_dict"].items())
+    assert not (run / "report.md").exists() and "full fit" in capsys.readouterr().out
+    out = tmp_path / "sub.csv"
+    predict.main(["--run", str(run), "--data-dir", str(demo_dir), "--out", str(out)])
+    assert len(validate_submission(out, pd.read_csv(demo_dir / "sample_submission.csv")["img_name"].tolist())) > 0
+
+
 def test_missing_data_without_demo_is_a_clear_error(tmp_path: Path) -> None:
     from malaria.archive import DataError
 
