@@ -82,9 +82,12 @@ def make_wandb_logger(run_dir: Path, run_name: str, wandb_mode: str, project: st
     mode = resolve_mode(wandb_mode)
     if mode == "disabled":
         return None
+    # W&B looks for the git repository from save_dir, which does not exist yet when it starts
+    # ("git root ... does not exist"): the code's commit is that of the working directory, as in
+    # environment.json.
     return WandbLogger(
         name=run_name, id=run_name, project=project, save_dir=str(run_dir), offline=mode == "offline",
-        resume="allow", log_model=mode == "online",
+        resume="allow", log_model=mode == "online", settings={"git_root": os.getcwd()},
     )
 
 

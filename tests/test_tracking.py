@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 from pathlib import Path
 
 import pytest
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from malaria import tracking, train
+from malaria import runs, tracking, train
 from malaria.datamodule import MalariaDataModule
 from malaria.module import MalariaClassifier
 from malaria.report import RunReport
@@ -78,6 +79,24 @@ def test_loggers_csv_always_wandb_named_like_the_run(no_key: None, tmp_path: Pat
     assert online._log_model is True and wandb_logger._log_model is False
 
 
+@pytest.mark.slow  # one W&B service start-up: ~5 s
+def test_wandb_starts_quietly_before_the_run_directory_exists(no_key: None, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capfd: pytest.CaptureFixture) -> None:
+    import wandb
+
+    monkeypatch.setenv("WANDB_SILENT", "false")  # the suite's default would hide the warning
+    monkeypatch.chdir(tmp_path)
+    subprocess.run(["git", "init", "-q"], check=True)  # a clone of the project
+    run_dir = Path("runs") / "quiet"  # as at the start of a run: relative, and not created yet
+    try:
+        tracking.make_wandb_logger(run_dir, "quiet", "offline", "p").experiment
+    finally:
+        wandb.finish()
+        wandb.teardown()
+    assert "git root" not in capfd.readouterr().err
+
+
 def read_wandb_log(path: Path) -> list:
     """The records of an offline run's transaction log: LevelDB-log framing (32 KiB blocks of
     7-byte-headed chunks, after W&B's 7-byte file header) around protobuf `Record`s."""
@@ -108,6 +127,7 @@ def summarise(records: list) -> dict:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             out["run"] = (record.run.run_id, record.run.display_name)
+            out["commit"] = record.run.git.commit
         elif kind == "config":
             out["config"].update({i.key: json.loads(i.value_json) for i in record.config.update if i.key})
         elif kind == "history":
@@ -139,6 +159,7 @@ def test_offline_run_holds_config_metrics_report_and_resumes_the_same_run(
     (first,) = run.glob("wandb/offline-run-*-wb")
     logged = summarise(read_wandb_log(first / "run-wb.wandb"))
     assert logged["run"] == ("wb", "wb")
+    assert logged["commit"] == runs.git_commit()
     assert logged["config"]["cli"]["trainer"]["max_epochs"] == 1  # the full resolved CLI config
     assert logged["config"]["cli"]["model"]["model"] == "malaria_cnn"
     assert logged["config"]["lr"] == pytest.approx(0.003)  # Lightning's own hyperparameter logging
