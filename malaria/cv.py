@@ -37,8 +37,9 @@ def run_fold(config: str, k: int, fold: int, name: str, runs_dir: Path, override
     return run_dir
 
 
-def summarise(per_fold: pd.DataFrame) -> Table:
-    table = Table(title="Slide-grouped cross-validation")
+def summarise(per_fold: pd.DataFrame, split: str = "slide") -> Table:
+    title = "Slide-grouped cross-validation" if split == "slide" else "Cell-level (random) cross-validation"
+    table = Table(title=title)
     for column in ("fold", "images", "acc", "f1", "auroc"):
         table.add_column(column, justify="right")
     for row in per_fold.itertuples():
@@ -62,17 +63,19 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     for fold in range(args.k):
         run_dir = run_fold(args.config, args.k, fold, name, args.runs_dir, overrides)
         fold_dirs.append(str(run_dir))
-        ids, probs, labels = predict_split(*load(runs.best_checkpoint(run_dir)), split="val")
+        model, datamodule = load(runs.best_checkpoint(run_dir))
+        ids, probs, labels = predict_split(model, datamodule, split="val")
         rows.append({"fold": fold, "images": len(ids), **fold_metrics(probs, labels)})
         oof.append(pd.DataFrame({"img_name": ids, "label": labels, "prob": probs, "fold": fold}))
 
     per_fold = pd.DataFrame(rows)
     replace_file(args.runs_dir / f"{name}-oof.csv", lambda f: pd.concat(oof).to_csv(f, index=False))
-    summary = {"name": name, "k": args.k, "folds": rows,
+    split = datamodule.hparams.split
+    summary = {"name": name, "k": args.k, "split": split, "folds": rows,
                "mean": per_fold.mean(numeric_only=True).to_dict(), "std": per_fold.std(numeric_only=True).to_dict()}
     runs.write_json(args.runs_dir / f"{name}-cv.json", summary)
     console = Console()
-    console.print(summarise(per_fold))
+    console.print(summarise(per_fold, split))
     console.print(f"Ensemble the folds: make predict RUN=\"{' '.join(fold_dirs)}\"")
     return per_fold
 

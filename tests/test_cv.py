@@ -22,8 +22,19 @@ def test_cross_validation_covers_every_image_once_without_slide_leaks(demo_dir: 
     slides = splits.groups(oof["img_name"].tolist())
     assert all(len(set(oof["fold"][slides == s])) == 1 for s in set(slides))
     summary = json.loads((tmp_path / "t-cv.json").read_text())
-    assert np.isclose(summary["mean"]["acc"], per_fold["acc"].mean())
+    assert np.isclose(summary["mean"]["acc"], per_fold["acc"].mean()) and summary["split"] == "slide"
     # A finished fold is reused, not retrained: the CV resumes.
     mtime = (tmp_path / "t-fold0" / "checkpoints" / "best.ckpt").stat().st_mtime_ns
     cv.main(["--k", "2", "--name", "t", "--runs-dir", str(tmp_path), "--data.data_dir", str(demo_dir), *TINY])
     assert (tmp_path / "t-fold0" / "checkpoints" / "best.ckpt").stat().st_mtime_ns == mtime
+
+
+def test_random_cross_validation_splits_cells_of_a_slide(demo_dir: Path, tmp_path: Path,
+                                                        capsys) -> None:
+    cv.main(["--k", "2", "--name", "r", "--runs-dir", str(tmp_path), "--data.data_dir", str(demo_dir),
+             "--data.split", "random", *TINY])
+    oof = pd.read_csv(tmp_path / "r-oof.csv")
+    slides = splits.groups(oof["img_name"].tolist())
+    assert any(len(set(oof["fold"][slides == s])) == 2 for s in set(slides))
+    assert json.loads((tmp_path / "r-cv.json").read_text())["split"] == "random"
+    assert "Cell-level (random) cross-validation" in capsys.readouterr().out
