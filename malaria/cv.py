@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc, binary_f1_score
 
-from malaria import runs, train
+from malaria import runs, splits, train
 from malaria.atomic import replace_file
 from malaria.predict import load, predict_split
 
@@ -37,7 +37,7 @@ def run_fold(config: str, k: int, fold: int, name: str, runs_dir: Path, override
     return run_dir
 
 
-def summarise(per_fold: pd.DataFrame, split: str = "slide") -> Table:
+def summarise(per_fold: pd.DataFrame, split: splits.Split = "slide") -> Table:
     title = "Slide-grouped cross-validation" if split == "slide" else "Cell-level (random) cross-validation"
     table = Table(title=title)
     for column in ("fold", "images", "acc", "f1", "auroc"):
