@@ -13,12 +13,14 @@ import json
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy.stats import binomtest
 
 from malaria.archive import SAMPLE_SUBMISSION
 from malaria.atomic import stage_file
@@ -224,8 +226,8 @@ def read_sample_submission(data_dir: Path) -> list[str] | None:
     return validate_submission(path)[HEADER[0]].tolist()
 
 
-def score(path: Path, answers: Path) -> float:
-    """Accuracy of a submission against an answer key in the same format (the leaderboard's metric).
+def correct(path: Path, answers: Path) -> pd.Series:
+    """Per image, whether the submission's label is the answer key's: booleans indexed by img_name.
 
     Both files are validated; they must hold the same ids, in any order."""
     table = validate_submission(path)
@@ -235,24 +237,61 @@ def score(path: Path, answers: Path) -> float:
     if len(missing) or len(extra):
         raise SubmissionError(f"{path}: ids differ from {answers}: {len(missing)} missing "
                               f"({_listing(list(missing))}), {len(extra)} unexpected ({_listing(list(extra))}).")
-    return float((table[HEADER[1]].to_numpy() == truth[table[HEADER[0]]].to_numpy()).mean())
+    ids = table[HEADER[0]]
+    return pd.Series(table[HEADER[1]].to_numpy() == truth[ids].to_numpy(), index=ids.to_numpy())
 
 
-def main(argv: Sequence[str] | None = None) -> float | None:
-    """`python -m malaria.submit FILE [--answers KEY]`: validate a submission, score it given a key."""
+def score(path: Path, answers: Path) -> float:
+    """Accuracy of a submission against an answer key in the same format (the leaderboard's metric)."""
+    return float(correct(path, answers).mean())
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Submission `b` against submission `a` on the same answer key."""
+
+    gain: float  # accuracy of b minus accuracy of a
+    b_only: int  # images b gets right and a gets wrong
+    a_only: int  # images a gets right and b gets wrong
+    p_value: float  # exact McNemar test: could the split of those images be a coin's?
+
+
+def compare(a: pd.Series, b: pd.Series) -> Comparison:
+    """Paired comparison of two submissions' `correct` series.
+
+    Only the images one gets right and the other wrong carry evidence, so the exact McNemar test
+    is a two-sided binomial test of those counts against an even split: on a test set of a few
+    thousand cells, differences of a few tenths of a point are usually within its noise."""
+    b = b[a.index]
+    b_only, a_only = int((b & ~a).sum()), int((a & ~b).sum())
+    p_value = binomtest(b_only, b_only + a_only).pvalue if b_only + a_only else 1.0
+    return Comparison(float(b.mean() - a.mean()), b_only, a_only, float(p_value))
+
+
+def main(argv: Sequence[str] | None = None) -> list[float] | None:
+    """`python -m malaria.submit [FILE ...] [--answers KEY]`: validate submissions, score them given a key.
+
+    Given several files and a key, each after the first is also compared with the first, image by image."""
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("file", type=Path, nargs="?", default=None,
-                        help="submission CSV (default: the newest in submissions/)")
+    parser.add_argument("files", type=Path, nargs="*",
+                        help="submission CSVs (default: the newest in submissions/)")
     parser.add_argument("--answers", type=Path, default=None,
                         help="answer key, e.g. ../shared/realdata/dev/test_labels.csv")
     args = parser.parse_args(argv)
-    file = args.file or newest_submission()
+    files = args.files or [newest_submission()]
     if args.answers is None:
-        print(f"{file}: valid, {len(validate_submission(file))} rows")
+        for file in files:
+            print(f"{file}: valid, {len(validate_submission(file))} rows")
         return None
-    accuracy = score(file, args.answers)
-    print(f"{file}: accuracy {accuracy:.4f} against {args.answers}")
-    return accuracy
+    results = [correct(file, args.answers) for file in files]
+    for file, result in zip(files, results):
+        print(f"{file}: accuracy {result.mean():.4f} against {args.answers}")
+    for file, result in zip(files[1:], results[1:]):
+        c = compare(results[0], result)
+        verdict = "a real difference" if c.p_value < 0.05 else "within the key's noise"
+        print(f"{file} vs {files[0]}: {100 * c.gain:+.2f} points; images right only in {file.name}: {c.b_only}, "
+              f"only in {files[0].name}: {c.a_only}; exact McNemar p = {c.p_value:.3f} ({verdict})")
+    return [float(result.mean()) for result in results]
 
 
 if __name__ == "__main__":

@@ -161,7 +161,32 @@ def test_score_is_the_accuracy_against_an_answer_key_in_any_order(tmp_path: Path
     key = write_submission(ids[::-1], [1, 1, 0, 0], tmp_path / "key.csv")  # c3=1 c2=1 c1=0 c0=0
     guess = write_submission(ids, [0, 1, 1, 1], tmp_path / "guess.csv")
     assert submit.score(guess, key) == 0.75  # c1 is wrong
-    assert submit.main([str(guess), "--answers", str(key)]) == 0.75
+    assert submit.main([str(guess), "--answers", str(key)]) == [0.75]
+
+
+def test_compare_counts_the_images_only_one_submission_gets_right(tmp_path: Path) -> None:
+    ids = [f"c{i}.png" for i in range(40)]
+    truth = [i % 2 for i in range(40)]
+    key = write_submission(ids, truth, tmp_path / "key.csv")
+    a = write_submission(ids, [1 - t if i < 2 else t for i, t in enumerate(truth)], tmp_path / "a.csv")
+    b = write_submission(ids[::-1], [1 - t if i >= 28 else t for i, t in enumerate(truth)][::-1], tmp_path / "b.csv")
+    result = submit.compare(submit.correct(a, key), submit.correct(b, key))
+    assert (result.b_only, result.a_only) == (2, 12)  # b wrong on c28..c39, a on c0, c1
+    assert result.gain == pytest.approx(-0.25)
+    assert result.p_value == pytest.approx(0.012939, abs=1e-6)  # P(X <= 2 or X >= 12), X ~ Bin(14, 1/2)
+    same = submit.compare(submit.correct(a, key), submit.correct(a, key))
+    assert (same.b_only, same.a_only, same.gain, same.p_value) == (0, 0, 0.0, 1.0)
+
+
+def test_score_several_files_compares_each_with_the_first(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ids = [f"c{i}.png" for i in range(4)]
+    key = write_submission(ids, [1, 1, 0, 0], tmp_path / "key.csv")
+    a = write_submission(ids, [1, 1, 0, 1], tmp_path / "a.csv")
+    b = write_submission(ids, [1, 0, 0, 0], tmp_path / "b.csv")
+    assert submit.main([str(a), str(b), "--answers", str(key)]) == [0.75, 0.75]
+    out = capsys.readouterr().out
+    assert "b.csv vs" in out and "+0.00 points; images right only in b.csv: 1, only in a.csv: 1" in out
+    assert "p = 1.000 (within the key's noise)" in out
 
 
 def test_score_refuses_a_submission_for_other_images(tmp_path: Path) -> None:
