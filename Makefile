@@ -6,11 +6,12 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/default.yaml
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install train features predict cv lr-find report score submit data test bench clean-cache help
+.PHONY: install train features predict holdout cv lr-find report score submit data test bench clean-cache help
 
 help:
 	@echo "make train    [DATA_DIR=data] [CONFIG=configs/<recipe>.yaml] [EPOCHS=N] [ARGS='--model.lr=1e-3'] [RESUME=runs/<run>]"
 	@echo "make predict  [DATA_DIR=data] [RUN='runs/a runs/b'] [OUT=path.csv]"
+	@echo "make holdout  [RUN='runs/a runs/b']  each run and their ensemble on the holdout they share, TTA off and on"
 	@echo "make submit   [FILE=submissions/x.csv] [MESSAGE='...'] [DRY_RUN=1]"
 	@echo "make score    [FILE='a.csv [b.csv ...]'] [ANSWERS=DATA_DIR/test_labels.csv]  accuracy against an answer key; b, c... compared with a"
 	@echo "make cv       [K=5] [CONFIG=...] [DATA_DIR=...] [EPOCHS=N] [ARGS=...]   slide-grouped cross-validation"
@@ -44,6 +45,9 @@ features: install
 
 predict: install
 	$(PY) -m malaria.predict $(if $(RUN),--run $(RUN)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(OUT),--out $(OUT)) $(ARGS)
+
+holdout: install
+	$(PY) -m malaria.holdout $(if $(RUN),--run $(RUN))
 
 cv: install
 	$(PY) -m malaria.cv --k $(or $(K),5) --config $(CONFIG) $(if $(DATA_DIR),--data.data_dir $(DATA_DIR)) \

@@ -1,0 +1,56 @@
+"""Scoring runs and their ensemble on a shared holdout."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from malaria import holdout, train
+from malaria.cv import fold_metrics
+
+TINY = ["--config", "configs/default.yaml", "--trainer.max_epochs", "1", "--trainer.enable_model_summary", "false",
+        "--data.batch_size", "32", "--data.num_workers", "0", "--model.model_kwargs", '{"widths": [8, 16]}']
+
+
+@pytest.fixture(scope="module")
+def runs_dir(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two runs that share a holdout (other model seed and image size), one that does not, one full fit."""
+    runs_dir = tmp_path_factory.mktemp("runs")
+    for name, extra in {"a": ["--data.image_size", "32"],
+                        "b": ["--data.image_size", "40", "--seed_everything", "7"],
+                        "other-split": ["--data.image_size", "32", "--data.seed", "3"],
+                        "full-fit": ["--data.image_size", "32", "--data.val_fraction", "0"]}.items():
+        train.main(["fit", *TINY, "--data.data_dir", str(demo_dir), "--runs_dir", str(runs_dir), "--run", name,
+                    *extra])
+    return runs_dir
+
+
+def test_ensemble_is_scored_on_the_mean_probability_of_its_members(runs_dir: Path) -> None:
+    members = [runs_dir / "a", runs_dir / "b"]
+    scores = holdout.score_runs(members)
+    assert scores[["member", "tta"]].values.tolist() == [
+        ["a", False], ["b", False], [holdout.ENSEMBLE, False], ["a", True], ["b", True], [holdout.ENSEMBLE, True]]
+    probs = {}
+    for tta in (False, True):
+        (_, pa, labels), (_, pb, _) = (holdout.holdout_probabilities(m, tta) for m in members)
+        probs[tta] = pa
+        ensemble = scores[(scores["member"] == holdout.ENSEMBLE) & (scores["tta"] == tta)].iloc[0]
+        for metric, value in fold_metrics((pa + pb) / 2, labels).items():
+            assert ensemble[metric] == pytest.approx(value)
+    assert scores["images"].nunique() == 1 and scores["images"].iloc[0] == len(labels)
+    assert not np.allclose(probs[False], probs[True])  # TTA is a different prediction, not a relabelled copy
+
+def test_runs_that_hold_out_other_images_are_refused(runs_dir: Path) -> None:
+    with pytest.raises(ValueError, match="other-split holds out other images than .*a: their data settings"):
+        holdout.score_runs([runs_dir / "a", runs_dir / "other-split"])
+
+
+def test_a_full_fit_has_no_holdout(runs_dir: Path) -> None:
+    with pytest.raises(ValueError, match="full-fit trained on every image"):
+        holdout.score_runs([runs_dir / "full-fit"])
+
+
+def test_main_prints_the_table(runs_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    holdout.main(["--run", str(runs_dir / "a"), str(runs_dir / "b")])
+    out = capsys.readouterr().out
+    assert "Shared holdout" in out and holdout.ENSEMBLE in out
