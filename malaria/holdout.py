@@ -27,34 +27,38 @@ from malaria.predict import load, predict_split
 ENSEMBLE = "ensemble (mean probability)"
 
 
-def holdout_probabilities(run_dir: Path, tta: bool) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Ids, probabilities of parasitized and labels of a run's own holdout."""
-    model, datamodule = load(runs.best_checkpoint(run_dir), tta=tta)
+def holdout_probabilities(run_dir: Path) -> tuple[list[str], np.ndarray, dict[bool, np.ndarray]]:
+    """Ids and labels of a run's own holdout, and its probabilities of parasitized with TTA off and on."""
+    model, datamodule = load(runs.best_checkpoint(run_dir))
     if datamodule.hparams.val_fraction == 0:
         raise ValueError(f"{run_dir} trained on every image (data.val_fraction 0): it has no holdout to score.")
-    return predict_split(model, datamodule, split="val")
+    probs = {}
+    for tta in (False, True):
+        model.hparams.tta = tta
+        ids, probs[tta], labels = predict_split(model, datamodule, split="val")
+    return ids, labels, probs
 
 
 def score_runs(run_dirs: Sequence[Path]) -> pd.DataFrame:
     """Accuracy, F1 and AUROC of each run and of their mean probability, without and with TTA."""
-    rows, first_ids = [], None
+    members, first_ids = [], None
+    for run_dir in run_dirs:
+        ids, labels, probs = holdout_probabilities(run_dir)
+        if first_ids is not None and ids != first_ids:
+            raise ValueError(
+                f"{run_dir} holds out other images than {run_dirs[0]}: their data settings (data.seed, "
+                "data.split, data.val_fraction, data.fold or the training files) differ, so no shared "
+                "holdout can score their ensemble."
+            )
+        first_ids = ids
+        members.append((run_dir.name, probs))
+    rows = []
     for tta in (False, True):
-        total = None
-        for run_dir in run_dirs:
-            ids, probs, labels = holdout_probabilities(run_dir, tta)
-            if first_ids is None:
-                first_ids = ids
-            elif ids != first_ids:
-                raise ValueError(
-                    f"{run_dir} holds out other images than {run_dirs[0]}: their data settings (data.seed, "
-                    "data.split, data.val_fraction, data.fold or the training files) differ, so no shared "
-                    "holdout can score their ensemble."
-                )
-            rows.append({"member": run_dir.name, "tta": tta, "images": len(ids), **fold_metrics(probs, labels)})
-            total = probs if total is None else total + probs
-        if len(run_dirs) > 1:
-            rows.append({"member": ENSEMBLE, "tta": tta, "images": len(ids),
-                         **fold_metrics(total / len(run_dirs), labels)})
+        scored = [(name, probs[tta]) for name, probs in members]
+        if len(members) > 1:
+            scored.append((ENSEMBLE, np.mean([probs for _, probs in scored], axis=0)))
+        rows += [{"member": name, "tta": tta, "images": len(labels), **fold_metrics(probs, labels)}
+                 for name, probs in scored]
     return pd.DataFrame(rows)
 
 

@@ -30,15 +30,15 @@ def test_ensemble_is_scored_on_the_mean_probability_of_its_members(runs_dir: Pat
     scores = holdout.score_runs(members)
     assert scores[["member", "tta"]].values.tolist() == [
         ["a", False], ["b", False], [holdout.ENSEMBLE, False], ["a", True], ["b", True], [holdout.ENSEMBLE, True]]
-    probs = {}
+    (_, labels, pa), (_, _, pb) = (holdout.holdout_probabilities(m) for m in members)
     for tta in (False, True):
-        (_, pa, labels), (_, pb, _) = (holdout.holdout_probabilities(m, tta) for m in members)
-        probs[tta] = pa
-        ensemble = scores[(scores["member"] == holdout.ENSEMBLE) & (scores["tta"] == tta)].iloc[0]
-        for metric, value in fold_metrics((pa + pb) / 2, labels).items():
-            assert ensemble[metric] == pytest.approx(value)
+        for member, probs in (("a", pa[tta]), (holdout.ENSEMBLE, (pa[tta] + pb[tta]) / 2)):
+            row = scores[(scores["member"] == member) & (scores["tta"] == tta)].iloc[0]
+            for metric, value in fold_metrics(probs, labels).items():
+                assert row[metric] == pytest.approx(value)
     assert scores["images"].nunique() == 1 and scores["images"].iloc[0] == len(labels)
-    assert not np.allclose(probs[False], probs[True])  # TTA is a different prediction, not a relabelled copy
+    assert not np.allclose(pa[False], pa[True])  # TTA is a different prediction, not a relabelled copy
+
 
 def test_runs_that_hold_out_other_images_are_refused(runs_dir: Path) -> None:
     with pytest.raises(ValueError, match="other-split holds out other images than .*a: their data settings"):
