@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     for fold in range(args.k):
         run_dir = run_fold(args.config, args.k, fold, name, args.runs_dir, overrides)
         fold_dirs.append(str(run_dir))
-        model, datamodule = load(runs.best_checkpoint(run_dir))
+        model, datamodule = load(runs.checkpoint(run_dir))
         ids, probs, labels = predict_split(model, datamodule, split="val")
         rows.append({"fold": fold, "images": len(ids), **fold_metrics(probs, labels)})
         oof.append(pd.DataFrame({"img_name": ids, "label": labels, "prob": probs, "fold": fold}))

@@ -29,7 +29,7 @@ ENSEMBLE = "ensemble (mean probability)"
 
 def holdout_probabilities(run_dir: Path) -> tuple[list[str], np.ndarray, dict[bool, np.ndarray]]:
     """Ids and labels of a run's own holdout, and its probabilities of parasitized with TTA off and on."""
-    model, datamodule = load(runs.best_checkpoint(run_dir))
+    model, datamodule = load(runs.checkpoint(run_dir))
     if datamodule.hparams.val_fraction == 0:
         raise ValueError(f"{run_dir} trained on every image (data.val_fraction 0): it has no holdout to score.")
     probs = {}

@@ -2,6 +2,7 @@
 
     python -m malaria.predict                       # the latest run's best checkpoint
     python -m malaria.predict --run runs/a runs/b   # average the probabilities of several runs
+    python -m malaria.predict --checkpoint last     # the final weights instead of the best epoch
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default=None, help="competition folder (default: the run's own)")
     parser.add_argument("--out", type=Path, default=None,
                         help="submission path (default: submissions/<run>-<time>.csv)")
+    parser.add_argument("--checkpoint", choices=runs.CHECKPOINTS, default="best",
+                        help="each run's best holdout epoch (default) or its final weights")
     tta = parser.add_mutually_exclusive_group()
     tta.add_argument("--tta", dest="tta", action="store_true", default=None, help="average the 8 dihedral views")
     tta.add_argument("--no-tta", dest="tta", action="store_false")
@@ -87,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> Path:
     args = _parser().parse_args(argv)
     run_dirs = args.run or [runs.latest_run()]
-    checkpoints = [runs.best_checkpoint(r) for r in run_dirs]
+    checkpoints = [runs.checkpoint(r, args.checkpoint) for r in run_dirs]
     ids, probs = ensemble(checkpoints, args.data_dir, args.tta)
     name = "+".join(r.name for r in run_dirs)
     out = args.out or default_submission_path(name)

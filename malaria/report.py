@@ -485,7 +485,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> Report:
     args = _parser().parse_args(argv)
     run_dir = args.run or runs.latest_run()
-    checkpoint = runs.best_checkpoint(run_dir)
+    checkpoint = runs.checkpoint(run_dir)
     model, datamodule = load_run(checkpoint, args.data_dir, "cuda" if torch.cuda.is_available() else "cpu")
     predictions = predict_validation(model, datamodule)
     report = build_report(run_dir, model, predictions, checkpoint)

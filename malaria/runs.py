@@ -46,18 +46,15 @@ def environment() -> dict[str, Any]:
             "packages": versions}
 
 
-def best_checkpoint(run_dir: Path) -> Path:
-    """The checkpoint with the best validation accuracy of a run."""
-    path = run_dir / "checkpoints" / "best.ckpt"
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir} has no checkpoints/best.ckpt: did its training finish an epoch?")
-    return path
+CHECKPOINTS = ("best", "last")
 
 
-def last_checkpoint(run_dir: Path) -> Path:
-    path = run_dir / "checkpoints" / "last.ckpt"
+def checkpoint(run_dir: Path, which: str = "best") -> Path:
+    """A run's `best.ckpt` (its best holdout epoch; the latest epoch in a full fit) or `last.ckpt`
+    (its latest weights: the final ones once training has finished)."""
+    path = run_dir / "checkpoints" / f"{which}.ckpt"
     if not path.exists():
-        raise FileNotFoundError(f"{run_dir} has no checkpoints/last.ckpt to resume from.")
+        raise FileNotFoundError(f"{run_dir} has no checkpoints/{which}.ckpt: did its training finish an epoch?")
     return path
 
 

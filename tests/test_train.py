@@ -58,6 +58,22 @@ def test_predict_writes_a_valid_submission_and_never_overwrites(trained: Path, d
     assert out.read_bytes() == before
 
 
+def test_predict_takes_the_final_weights_when_asked(trained: Path, demo_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "tiny"
+    shutil.copytree(trained, run)
+    last = run / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    state["state_dict"]["net.head.bias"].fill_(50.0)  # these weights call every cell parasitized
+    torch.save(state, last)
+    predicted = {}
+    for which in ("best", "last"):
+        out = tmp_path / f"{which}.csv"
+        predict.main(["--run", str(run), "--data-dir", str(demo_dir), "--out", str(out), "--checkpoint", which])
+        predicted[which] = pd.read_csv(out)["label"]
+        assert json.loads(out.with_name(out.name + ".json").read_text())["checkpoints"] == [str(run / "checkpoints" / f"{which}.ckpt")]
+    assert predicted["last"].eq(1).all() and not predicted["best"].eq(1).all()
+
+
 def test_an_existing_run_is_never_overwritten(trained: Path) -> None:
     best = (trained / "checkpoints" / "best.ckpt").read_bytes()
     with pytest.raises(SystemExit, match="RESUME"):
