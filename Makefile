@@ -10,7 +10,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 
 help:
 	@echo "make train    [DATA_DIR=data] [CONFIG=configs/<recipe>.yaml] [EPOCHS=N] [ARGS='--model.lr=1e-3'] [RESUME=runs/<run>]"
-	@echo "make predict  [DATA_DIR=data] [RUN='runs/a runs/b'] [OUT=path.csv]"
+	@echo "make predict  [DATA_DIR=data] [RUN='runs/a runs/b'] [OUT=path.csv] [ARGS='--tta --checkpoint last']"
 	@echo "make holdout  [RUN='runs/a runs/b']  each run and their ensemble on the holdout they share, TTA off and on"
 	@echo "make submit   [FILE=submissions/x.csv] [MESSAGE='...'] [DRY_RUN=1]"
 	@echo "make score    [FILE='a.csv [b.csv ...]'] [ANSWERS=DATA_DIR/test_labels.csv]  accuracy against an answer key; b, c... compared with a"

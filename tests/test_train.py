@@ -70,7 +70,8 @@ def test_predict_takes_the_final_weights_when_asked(trained: Path, demo_dir: Pat
         out = tmp_path / f"{which}.csv"
         predict.main(["--run", str(run), "--data-dir", str(demo_dir), "--out", str(out), "--checkpoint", which])
         predicted[which] = pd.read_csv(out)["label"]
-        assert json.loads(out.with_name(out.name + ".json").read_text())["checkpoints"] == [str(run / "checkpoints" / f"{which}.ckpt")]
+        history = json.loads(out.with_name(out.name + ".json").read_text())
+        assert history["checkpoints"] == [str(run / "checkpoints" / f"{which}.ckpt")]
     assert predicted["last"].eq(1).all() and not predicted["best"].eq(1).all()
 
 
