@@ -22,6 +22,7 @@ TRAIN_ZIP = "train_data.zip"
 TEST_ZIP = "test_data.zip"
 LABEL_CSVS = ("train_labels.csv", "train_data.csv")
 SAMPLE_SUBMISSION = "sample_submission.csv"
+DEMO_SUBDIR = "demo"  # data_dir/demo: the generated competition of a fresh clone
 ID_COLUMNS = ("img_name", "id")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SHOWN = 5  # how many offending names an error message lists

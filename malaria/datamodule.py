@@ -21,7 +21,6 @@ from malaria.transforms import Augment, train_transform
 
 log = logging.getLogger(__name__)
 
-DEMO_SUBDIR = "demo"
 
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -126,7 +125,7 @@ class MalariaDataModule(L.LightningDataModule):
         """Where the competition files are read from: data_dir, or its demo folder."""
         if archive.has_competition(self.data_dir) or not self.hparams.demo:
             return self.data_dir
-        return self.data_dir / DEMO_SUBDIR
+        return self.data_dir / archive.DEMO_SUBDIR
 
     @property
     def cache_dir(self) -> Path:

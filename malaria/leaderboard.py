@@ -29,7 +29,7 @@ from typing import Any
 import requests
 import yaml
 
-from malaria.archive import LABEL_CSVS, SAMPLE_SUBMISSION, TEST_ZIP, TRAIN_ZIP
+from malaria.archive import DEMO_SUBDIR, LABEL_CSVS, SAMPLE_SUBMISSION, TEST_ZIP, TRAIN_ZIP
 from malaria.atomic import replace_file, stage_file
 from malaria.submit import (
     HISTORY_NAME,
@@ -230,6 +230,14 @@ def append_history(history: Path, record: SubmissionRecord) -> None:
     replace_file(history, lambda f: f.write(old + separator + rows.getvalue()))
 
 
+def _missing_sample_hint(data_dir: Path) -> str:
+    demo = data_dir / DEMO_SUBDIR
+    if (demo / SAMPLE_SUBMISSION).exists():
+        return (f"{data_dir} holds only the generated demo competition, which Kaggle does not score. Check a demo "
+                f"submission with `make submit DRY_RUN=1 DATA_DIR={demo}`, or run `make data` for the real files.")
+    return "run `make data` (python -m malaria.leaderboard download) first."
+
+
 def submit(
     file: Path | None,
     message: str | None,
@@ -248,9 +256,7 @@ def submit(
     file = Path(file) if file is not None else newest_submission(history.parent)
     expected = read_sample_submission(Path(data_dir))
     if expected is None:
-        raise KaggleError(
-            f"{Path(data_dir) / SAMPLE_SUBMISSION} not found; run `python -m malaria.leaderboard download` first."
-        )
+        raise KaggleError(f"{Path(data_dir) / SAMPLE_SUBMISSION} not found; {_missing_sample_hint(Path(data_dir))}")
     validate_submission(file, expected)
     run, default_message = describe(file)
     attempt = dict(

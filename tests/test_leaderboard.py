@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import os
+import shutil
 import sys
 import zipfile
 from pathlib import Path
@@ -179,6 +180,17 @@ def test_invalid_csv_is_never_uploaded(data_dir: Path, history: Path) -> None:
 def test_submit_needs_the_sample_submission(tmp_path: Path, history: Path) -> None:
     with pytest.raises(KaggleError, match="sample_submission.csv not found.*download"):
         submit(_submission(history), None, COMPETITION, tmp_path, api=FakeKaggleApi(), history=history)
+
+
+def test_a_demo_only_data_dir_points_to_the_demo_sample(data_dir: Path, history: Path) -> None:
+    parent = data_dir.parent / "fresh-clone-data"
+    shutil.copytree(data_dir, parent / "demo")
+    file = _submission(history)
+    with pytest.raises(KaggleError, match=r"only the generated demo.*DATA_DIR=.*fresh-clone-data/demo"):
+        submit(file, None, COMPETITION, parent, dry_run=True, history=history)
+    assert not history.exists()
+    record = submit(file, None, COMPETITION, parent / "demo", dry_run=True, history=history)
+    assert record.result == "dry-run"
 
 
 def test_missing_credentials_are_logged_as_a_failure(
