@@ -1,4 +1,4 @@
-"""Score runs and their ensemble on the holdout they share, with and without TTA.
+"""Score runs and their ensemble on the holdout they share, with and without TTA and slide prior.
 
     python -m malaria.holdout --run runs/a runs/b runs/c
 
@@ -22,28 +22,37 @@ from rich.table import Table
 
 from malaria import runs
 from malaria.cv import fold_metrics
-from malaria.predict import load, predict_split
+from malaria.predict import load, predict_split, slide_prior
+from malaria.priors import DEFAULT_STRENGTH
 
 ENSEMBLE = "ensemble (mean probability)"
 
 
-def holdout_probabilities(run_dir: Path) -> tuple[list[str], np.ndarray, dict[bool, np.ndarray]]:
-    """Ids and labels of a run's own holdout, and its probabilities of parasitized with TTA off and on."""
+Views = tuple[bool, bool]  # (TTA, slide prior)
+VIEWS: tuple[Views, ...] = ((False, False), (True, False), (False, True), (True, True))
+
+
+def holdout_probabilities(run_dir: Path, prior: float = DEFAULT_STRENGTH,
+                          ) -> tuple[list[str], np.ndarray, dict[Views, np.ndarray]]:
+    """Ids and labels of a run's own holdout, and its probabilities of parasitized with TTA off and
+    on, each without and with the slide prior of the holdout's training side."""
     model, datamodule = load(runs.checkpoint(run_dir))
     if datamodule.hparams.val_fraction == 0:
         raise ValueError(f"{run_dir} trained on every image (data.val_fraction 0): it has no holdout to score.")
     probs = {}
     for tta in (False, True):
         model.hparams.tta = tta
-        ids, probs[tta], labels = predict_split(model, datamodule, split="val")
+        ids, probs[tta, False], labels = predict_split(model, datamodule, split="val")
+        probs[tta, True] = slide_prior(datamodule, "val", prior).adjust(ids, probs[tta, False])
     return ids, labels, probs
 
 
-def score_runs(run_dirs: Sequence[Path]) -> pd.DataFrame:
-    """Accuracy, F1 and AUROC of each run and of their mean probability, without and with TTA."""
+def score_runs(run_dirs: Sequence[Path], prior: float = DEFAULT_STRENGTH) -> pd.DataFrame:
+    """Accuracy, F1 and AUROC of each run and of their mean probability, without and with TTA and
+    slide prior."""
     members, first_ids = [], None
     for run_dir in run_dirs:
-        ids, labels, probs = holdout_probabilities(run_dir)
+        ids, labels, probs = holdout_probabilities(run_dir, prior)
         if first_ids is not None and ids != first_ids:
             raise ValueError(
                 f"{run_dir} holds out other images than {run_dirs[0]}: their data settings (data.seed, "
@@ -53,21 +62,22 @@ def score_runs(run_dirs: Sequence[Path]) -> pd.DataFrame:
         first_ids = ids
         members.append((run_dir.name, probs))
     rows = []
-    for tta in (False, True):
-        scored = [(name, probs[tta]) for name, probs in members]
+    for tta, with_prior in VIEWS:
+        scored = [(name, probs[tta, with_prior]) for name, probs in members]
         if len(members) > 1:
             scored.append((ENSEMBLE, np.mean([probs for _, probs in scored], axis=0)))
-        rows += [{"member": name, "tta": tta, "images": len(labels), **fold_metrics(probs, labels)}
-                 for name, probs in scored]
+        rows += [{"member": name, "tta": tta, "prior": with_prior, "images": len(labels),
+                  **fold_metrics(probs, labels)} for name, probs in scored]
     return pd.DataFrame(rows)
 
 
 def render(scores: pd.DataFrame) -> Table:
     table = Table(title=f"Shared holdout ({scores['images'].iloc[0]} images)")
-    for column in ("member", "TTA", "acc", "f1", "auroc"):
+    for column in ("member", "TTA", "slide prior", "acc", "f1", "auroc"):
         table.add_column(column, justify="left" if column == "member" else "right")
     for row in scores.itertuples():
-        table.add_row(row.member, "on" if row.tta else "off", f"{row.acc:.4f}", f"{row.f1:.4f}", f"{row.auroc:.4f}")
+        table.add_row(row.member, "on" if row.tta else "off", "on" if row.prior else "off",
+                      f"{row.acc:.4f}", f"{row.f1:.4f}", f"{row.auroc:.4f}")
     return table
 
 
@@ -75,9 +85,11 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", nargs="*", type=Path, default=None,
                         help="run directories (default: the latest run in runs/)")
+    parser.add_argument("--slide-prior", type=float, default=DEFAULT_STRENGTH, metavar="STRENGTH",
+                        help=f"pseudo-cells of the slide prior's shrinkage (default {DEFAULT_STRENGTH})")
     args = parser.parse_args(argv)
     run_dirs = args.run or [runs.latest_run()]
-    scores = score_runs(run_dirs)
+    scores = score_runs(run_dirs, args.slide_prior)
     Console().print(render(scores))
     return scores
 

@@ -17,6 +17,7 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 import torch
 
 from malaria.datamodule import MalariaDataModule
@@ -98,7 +99,8 @@ def ddp_run(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
 @pytest.fixture(scope="module")
 def split(demo_dir: Path) -> MalariaDataModule:
     """The training and validation rows of the demo data, as the recipe splits them."""
-    datamodule = MalariaDataModule(data_dir=str(demo_dir), image_size=IMAGE_SIZE)
+    recipe = yaml.safe_load(Path("configs/default.yaml").read_text())["data"]
+    datamodule = MalariaDataModule(data_dir=str(demo_dir), image_size=IMAGE_SIZE, split=recipe["split"])
     datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule

@@ -28,16 +28,18 @@ def runs_dir(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_ensemble_is_scored_on_the_mean_probability_of_its_members(runs_dir: Path) -> None:
     members = [runs_dir / "a", runs_dir / "b"]
     scores = holdout.score_runs(members)
-    assert scores[["member", "tta"]].values.tolist() == [
-        ["a", False], ["b", False], [holdout.ENSEMBLE, False], ["a", True], ["b", True], [holdout.ENSEMBLE, True]]
+    assert scores[["member", "tta", "prior"]].values.tolist() == [
+        [member, tta, prior] for tta, prior in holdout.VIEWS for member in ("a", "b", holdout.ENSEMBLE)]
     (_, labels, pa), (_, _, pb) = (holdout.holdout_probabilities(m) for m in members)
-    for tta in (False, True):
-        for member, probs in (("a", pa[tta]), (holdout.ENSEMBLE, (pa[tta] + pb[tta]) / 2)):
-            row = scores[(scores["member"] == member) & (scores["tta"] == tta)].iloc[0]
+    for view in holdout.VIEWS:
+        for member, probs in (("a", pa[view]), (holdout.ENSEMBLE, (pa[view] + pb[view]) / 2)):
+            row = scores[(scores["member"] == member) & (scores["tta"] == view[0]) & (scores["prior"] == view[1])]
             for metric, value in fold_metrics(probs, labels).items():
-                assert row[metric] == pytest.approx(value)
+                assert row.iloc[0][metric] == pytest.approx(value)
     assert scores["images"].nunique() == 1 and scores["images"].iloc[0] == len(labels)
-    assert not np.allclose(pa[False], pa[True])  # TTA is a different prediction, not a relabelled copy
+    # TTA and the prior are different predictions, not relabelled copies
+    assert not np.allclose(pa[False, False], pa[True, False])
+    assert not np.allclose(pa[False, False], pa[False, True])
 
 
 def test_runs_that_hold_out_other_images_are_refused(runs_dir: Path) -> None:
