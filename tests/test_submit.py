@@ -194,3 +194,19 @@ def test_score_refuses_a_submission_for_other_images(tmp_path: Path) -> None:
     other = write_submission(["a.png", "z.png"], [1, 0], tmp_path / "other.csv")
     with pytest.raises(SubmissionError, match=r"1 missing \('b.png'\), 1 unexpected \('z.png'\)"):
         submit.score(other, key)
+
+
+def test_score_shows_which_slides_hold_the_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ids = [f"C{s}P{s}thinF_IMG_20150101_000000_cell_{k}.png" for s in (40, 41, 42) for k in range(4)] + ["plain.png"]
+    truth = [1] * 12 + [0]
+    guess = [1] * 12 + [1]
+    guess[:3] = [0, 0, 0]  # three errors on C40P40, one on C41P41, one on the slideless name
+    guess[4] = 0
+    key, sub = write_submission(ids, truth, tmp_path / "key.csv"), write_submission(ids, guess, tmp_path / "s.csv")
+    slides = submit.by_slide(submit.correct(sub, key))
+    assert slides.index[0] == "C40P40" and set(slides.index[1:3]) == {"C41P41", "image:plain.png"}
+    assert slides.loc["C40P40"].tolist() == [4, 3, 0.25] and slides.loc["C42P42", "errors"] == 0
+    assert submit.main([str(sub), "--answers", str(key)]) == [pytest.approx(8 / 13)]
+    out = capsys.readouterr().out
+    assert "5 errors on 3 of 4 slides; 1 slides hold half of them" in out
+    assert "C40P40" in out and "C42P42" not in out
