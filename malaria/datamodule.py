@@ -103,6 +103,7 @@ class MalariaDataModule(L.LightningDataModule):
         val_fraction: float = 0.2,
         fold: int = 0,
         split: splits.Split = "slide",
+        train_cells: int | None = None,
         seed: int = 42,
         batch_size: int = 128,
         num_workers: int | None = None,
@@ -171,6 +172,9 @@ class MalariaDataModule(L.LightningDataModule):
                 self.train_table.labels, self.train_table.ids, self.hparams.val_fraction, self.hparams.seed,
                 self.hparams.fold, self.hparams.split,
             )
+            if self.hparams.train_cells is not None:  # a learning curve's point; the holdout stays whole
+                self.train_rows = splits.subsample(self.train_rows, self.train_table.labels,
+                                                   self.hparams.train_cells, self.hparams.seed)
             self.train_cache = cache.build(self.train_table, size, self.cache_dir, "train")
         if stage in ("test", "predict") and self.test_table is None:
             self.test_table = archive.load_test(source)

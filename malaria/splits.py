@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 Split = Literal["slide", "random"]
 
@@ -58,3 +58,13 @@ def holdout(labels: np.ndarray, names: Sequence[str], val_fraction: float, seed:
         raise ValueError(f"val_fraction must be 0 (no holdout) or between 0 and 1, got {val_fraction}")
     n_folds = max(2, round(1 / val_fraction))
     return kfold(labels, names, n_folds, seed, split)[fold]
+
+
+def subsample(rows: np.ndarray, labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """`n` of `rows`, drawn at random with the classes in their proportions (for learning curves)."""
+    if not 2 <= n <= len(rows):
+        raise ValueError(f"cannot train on {n} cells: the training side holds {len(rows)}.")
+    if n == len(rows):
+        return rows
+    taken, _ = train_test_split(rows, train_size=n, stratify=labels[rows], random_state=seed)
+    return np.sort(taken)

@@ -88,3 +88,13 @@ def test_one_device_trains_on_one_shard_and_validates_in_order(demo_dir: Path) -
     assert len(sampler) == len(datamodule.train_rows)
     rows = np.concatenate([b[2].numpy() for b in datamodule.val_dataloader()])
     assert rows.tolist() == datamodule.val_rows.tolist()
+
+
+def test_train_cells_shrinks_the_training_side_only(demo_dir: Path) -> None:
+    whole = MalariaDataModule(data_dir=str(demo_dir), image_size=32, num_workers=0)
+    part = MalariaDataModule(data_dir=str(demo_dir), image_size=32, num_workers=0, train_cells=40)
+    for datamodule in (whole, part):
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+    assert len(part.train_rows) == 40 and set(part.train_rows) < set(whole.train_rows)
+    assert np.array_equal(part.val_rows, whole.val_rows)

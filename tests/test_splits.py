@@ -76,3 +76,14 @@ def test_no_holdout_is_a_full_fit() -> None:
     assert train.tolist() == list(range(20)) and len(val) == 0
     with pytest.raises(ValueError, match="val_fraction"):
         splits.holdout(labels, names, 1.0, seed=0)
+
+
+def test_subsample_keeps_class_proportions_and_is_seeded() -> None:
+    rows, labels = np.arange(100, 300), np.array([0] * 100 + [1] * 40 + [0] * 160)
+    taken = splits.subsample(rows, labels, 50, seed=0)
+    assert len(taken) == len(set(taken)) == 50 and set(taken) <= set(rows)
+    assert labels[taken].sum() == 10  # rows 100-299 hold 40 parasitized of 200: a fifth
+    assert np.array_equal(taken, splits.subsample(rows, labels, 50, seed=0))
+    assert not np.array_equal(taken, splits.subsample(rows, labels, 50, seed=1))
+    with pytest.raises(ValueError, match="cannot train on 201 cells: the training side holds 200"):
+        splits.subsample(rows, labels, 201, seed=0)
