@@ -10,8 +10,8 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 
 help:
 	@echo "make train    [DATA_DIR=data] [CONFIG=configs/<recipe>.yaml] [EPOCHS=N] [ARGS='--model.lr=1e-3'] [RESUME=runs/<run>]"
-	@echo "make predict  [DATA_DIR=data] [RUN='runs/a runs/b'] [OUT=path.csv] [ARGS='--tta --checkpoint last']"
-	@echo "make holdout  [RUN='runs/a runs/b']  each run and their ensemble on the holdout they share, TTA off and on"
+	@echo "make predict  [DATA_DIR=data] [RUN='runs/a runs/b'] [OUT=path.csv] [ARGS='--tta --checkpoint last --slide-prior 0']"
+	@echo "make holdout  [RUN='runs/a runs/b'] [ARGS='--slide-prior 5']  each run and their ensemble on the holdout they share, TTA and slide prior off and on"
 	@echo "make submit   [FILE=submissions/x.csv] [MESSAGE='...'] [DRY_RUN=1]"
 	@echo "make score    [FILE='a.csv [b.csv ...]'] [ANSWERS=DATA_DIR/test_labels.csv]  accuracy against an answer key; b, c... compared with a"
 	@echo "make cv       [K=5] [CONFIG=...] [DATA_DIR=...] [EPOCHS=N] [ARGS=...]   slide-grouped cross-validation"
@@ -47,7 +47,7 @@ predict: install
 	$(PY) -m malaria.predict $(if $(RUN),--run $(RUN)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(OUT),--out $(OUT)) $(ARGS)
 
 holdout: install
-	$(PY) -m malaria.holdout $(if $(RUN),--run $(RUN))
+	$(PY) -m malaria.holdout $(if $(RUN),--run $(RUN)) $(ARGS)
 
 cv: install
 	$(PY) -m malaria.cv --k $(or $(K),5) --config $(CONFIG) $(if $(DATA_DIR),--data.data_dir $(DATA_DIR)) \

@@ -1,5 +1,8 @@
 """K-fold cross-validation grouped by slide: `python -m malaria.cv --k 5 [training overrides]`.
 
+Grouped by slide whatever the recipe's holdout, since that is the figure unseen patients will see;
+`--data.split random` gives the cell-level figure the leaderboard's random test split rewards.
+
 Each fold is an ordinary run (`runs/<name>-fold<i>/`), so its checkpoint can join an ensemble:
 `make predict RUN="runs/<name>-fold0 runs/<name>-fold1 ..."`. Out-of-fold probabilities land in
 `runs/<name>-oof.csv` and the per-fold table in `runs/<name>-cv.json`.
@@ -32,7 +35,8 @@ def run_fold(config: str, k: int, fold: int, name: str, runs_dir: Path, override
     """Train one fold as its own run; an already finished fold is reused, so a CV resumes."""
     run_dir = runs_dir / f"{name}-fold{fold}"
     if not (run_dir / "summary.json").exists():
-        train.main(["fit", "--config", config, "--data.val_fraction", str(1 / k), "--data.fold", str(fold),
+        train.main(["fit", "--config", config, "--data.split", "slide",
+                    "--data.val_fraction", str(1 / k), "--data.fold", str(fold),
                     "--run", run_dir.name, "--runs_dir", str(runs_dir), *overrides])
     return run_dir
 

@@ -264,8 +264,8 @@ def describe_errors(right: pd.Series, shown: int = 10) -> str:
     half = int((slides["errors"].cumsum() < errors / 2).sum()) + 1
     lines = [f"{errors} errors on {int((slides['errors'] > 0).sum())} of {len(slides)} slides; "
              f"{half} slides hold half of them", f"{'slide':<14}{'cells':>7}{'errors':>8}{'acc':>8}"]
-    lines += [f"{slide:<14}{row.cells:>7}{row.errors:>8}{row.acc:>8.3f}"
-              for slide, row in slides.head(shown).iterrows() if row.errors]
+    lines += [f"{row.Index:<14}{row.cells:>7}{row.errors:>8}{row.acc:>8.3f}"
+              for row in slides.head(shown).itertuples() if row.errors]
     return "\n".join(lines)
 
 

@@ -209,4 +209,4 @@ def test_score_shows_which_slides_hold_the_errors(tmp_path: Path, capsys: pytest
     assert submit.main([str(sub), "--answers", str(key)]) == [pytest.approx(8 / 13)]
     out = capsys.readouterr().out
     assert "5 errors on 3 of 4 slides; 1 slides hold half of them" in out
-    assert "C40P40" in out and "C42P42" not in out
+    assert "C40P40              4       3   0.250" in out and "C42P42" not in out
