@@ -45,6 +45,7 @@ from malaria import predict, runs, tracking
 from malaria.atomic import replace_file, write_text
 from malaria.datamodule import MalariaDataModule, whole_batch
 from malaria.module import MalariaClassifier
+from malaria.slide_errors import describe_errors
 
 log = logging.getLogger(__name__)
 
@@ -351,6 +352,8 @@ def _markdown(run_dir: Path, figures: dict[str, Path], metrics: dict[str, float]
         *[f"| {predictions.ids[i]} | {CLASSES[predictions.labels[i]]} | {predictions.probs[i]:.3f} |"
           for i in mistakes],
         "",
+        "## Errors by slide", "",
+        "```", describe_errors(pd.Series(predictions.preds == predictions.labels, index=predictions.ids)), "```", "",
         f"## {TITLES['gradcam']}", "",
         "Heatmaps from the network's last feature map, for the predicted class, on a random sample of "
         "correct and wrong validation cells. On correct parasitized cells they should sit on the "

@@ -64,6 +64,9 @@ def test_report_md_embeds_every_figure_the_config_and_the_metrics(reported: Path
     metrics = metrics_table(markdown)
     assert {"accuracy", "f1", "auroc", "average_precision"} <= set(metrics)
     assert all(0 <= v <= 1 for v in metrics.values())
+    mistakes = int(re.search(r"\| mistakes \| (\d+) of", markdown).group(1))
+    by_slide = markdown.split("## Errors by slide", 1)[1]
+    assert (f"{mistakes} errors on " in by_slide) if mistakes else ("no errors" in by_slide)
 
 
 def test_cli_rebuilds_the_same_report_from_the_best_checkpoint(reported: Path, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from malaria.slide_errors import by_slide
 from malaria import submit
 from malaria.submit import (
     SubmissionError,
@@ -203,7 +204,7 @@ def test_score_shows_which_slides_hold_the_errors(tmp_path: Path, capsys: pytest
     guess[:3] = [0, 0, 0]  # three errors on C40P40, one on C41P41, one on the slideless name
     guess[4] = 0
     key, sub = write_submission(ids, truth, tmp_path / "key.csv"), write_submission(ids, guess, tmp_path / "s.csv")
-    slides = submit.by_slide(submit.correct(sub, key))
+    slides = by_slide(submit.correct(sub, key))
     assert slides.index[0] == "C40P40" and set(slides.index[1:3]) == {"C41P41", "image:plain.png"}
     assert slides.loc["C40P40"].tolist() == [4, 3, 0.25] and slides.loc["C42P42", "errors"] == 0
     assert submit.main([str(sub), "--answers", str(key)]) == [pytest.approx(8 / 13)]
