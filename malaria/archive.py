@@ -16,6 +16,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
+from malaria.errors import UserError
+
 log = logging.getLogger(__name__)
 
 TRAIN_ZIP = "train_data.zip"
@@ -28,7 +30,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SHOWN = 5  # how many offending names an error message lists
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The competition files are unusable; the message names the file and what is wrong."""
 
 
@@ -158,6 +160,19 @@ def _match(zip_path: Path, csv_path: Path, ids: list[str]) -> list[str]:
 def has_competition(data_dir: Path) -> bool:
     """True when data_dir holds the training zip and a label CSV."""
     return (data_dir / TRAIN_ZIP).exists() and any((data_dir / c).exists() for c in LABEL_CSVS)
+
+
+def refuse_partial(data_dir: Path) -> None:
+    """A folder with some competition files but not the training zip and its labels is a mistake
+    (a forgotten or misnamed file), never a reason to fall back to demo data."""
+    found = [n for n in (TRAIN_ZIP, *LABEL_CSVS, TEST_ZIP, SAMPLE_SUBMISSION) if (data_dir / n).exists()]
+    if not found or has_competition(data_dir):
+        return
+    missing = [] if (data_dir / TRAIN_ZIP).exists() else [TRAIN_ZIP]
+    if not any((data_dir / c).exists() for c in LABEL_CSVS):
+        missing.append(" or ".join(LABEL_CSVS))
+    raise DataError(f"{data_dir} holds {', '.join(found)} but no {' and no '.join(missing)}: "
+                    "add the missing file (check its name), or use an empty folder for demo data.")
 
 
 def load_train(data_dir: Path) -> ImageTable:

@@ -47,7 +47,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader
 
-from malaria import cache
+from malaria import cache, errors
 from malaria.archive import ImageTable
 from malaria.checkpointing import ResumableSampler
 from malaria.datamodule import CellDataset, MalariaDataModule, default_workers, whole_batch
@@ -338,4 +338,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main)

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc, binary_f1_score
 
-from malaria import runs, splits, train
+from malaria import errors, runs, splits, train
 from malaria.atomic import replace_file
 from malaria.predict import load, predict_split
 
@@ -85,4 +85,4 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main)

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from malaria import errors
+
 MARKER = "DEMO.txt"
 # Bump when the drawing changes, so an old demo folder is regenerated rather than reused.
 GENERATOR_VERSION = 1
@@ -364,4 +366,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from malaria import errors
 from malaria.atomic import replace_file
 from malaria.datamodule import CellDataset, MalariaDataModule, whole_batch
 from malaria.module import Batch, MalariaClassifier
@@ -223,4 +224,4 @@ def main(args: list[str] | None = None) -> FeaturesCLI:
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main)

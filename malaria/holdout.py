@@ -20,7 +20,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from malaria import runs
+from malaria import errors, runs
 from malaria.cv import fold_metrics
 from malaria.predict import load, predict_split, slide_prior
 from malaria.priors import DEFAULT_STRENGTH
@@ -95,4 +95,4 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main)

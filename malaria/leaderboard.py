@@ -31,6 +31,7 @@ import yaml
 
 from malaria.archive import DEMO_SUBDIR, LABEL_CSVS, SAMPLE_SUBMISSION, TEST_ZIP, TRAIN_ZIP
 from malaria.atomic import replace_file, stage_file
+from malaria.errors import UserError
 from malaria.submit import (
     HISTORY_NAME,
     SubmissionError,
@@ -55,7 +56,7 @@ HTTP_HINTS = {
 }
 
 
-class KaggleError(RuntimeError):
+class KaggleError(UserError, RuntimeError):
     """Kaggle could not be used; the message says why and what to do."""
 
 
@@ -317,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{record.result}: {record.file} -> {competition} ({record.message!r}); logged in {args.history}")
             if record.result == "submitted":
                 print(f"scores: https://www.kaggle.com/competitions/{competition}/submissions")
-    except (KaggleError, SubmissionError, OSError) as err:
+    except (UserError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

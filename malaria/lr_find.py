@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 
 from lightning.pytorch.tuner import Tuner
 
+from malaria import errors
 from malaria.train import main as build_cli
 
 
@@ -32,4 +33,4 @@ def main(argv: Sequence[str] | None = None) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main)

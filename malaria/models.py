@@ -16,6 +16,7 @@ from timm.models import get_pretrained_cfg, register_model
 from torch import nn
 
 from malaria import weights
+from malaria.errors import ConfigError, MissingError
 
 # Half-way values: the scratch CNN has no pretrained statistics to match.
 SCRATCH_MEAN = (0.5, 0.5, 0.5)
@@ -79,7 +80,7 @@ class MalariaCNN(nn.Module):
 def malaria_cnn(pretrained: bool = False, **kwargs: Any) -> MalariaCNN:
     """Scratch CNN entry point for `timm.create_model("malaria_cnn")`."""
     if pretrained:
-        raise ValueError("malaria_cnn has no pretrained weights; set pretrained: false.")
+        raise ConfigError("malaria_cnn has no pretrained weights; set pretrained: false.")
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)
     return MalariaCNN(**kwargs)
@@ -95,7 +96,7 @@ def create_model(name: str, pretrained: bool = False, pretrained_file: str | Non
     overlay = None
     if pretrained_file:
         if not Path(pretrained_file).is_file():
-            raise FileNotFoundError(f"pretrained_file {pretrained_file} does not exist.")
+            raise MissingError(f"pretrained_file {pretrained_file} does not exist.")
         overlay = {"file": str(pretrained_file)}
     elif pretrained and name in weights.PACKAGED:
         overlay = {"state_dict": weights.packaged_state_dict(name)}
@@ -104,10 +105,10 @@ def create_model(name: str, pretrained: bool = False, pretrained_file: str | Non
                                  pretrained_cfg_overlay=overlay, num_classes=num_classes, **kwargs)
     except RuntimeError as err:
         if "Unknown model" in str(err):
-            raise ValueError(f"Unknown model {name!r}: use malaria_cnn or a name from timm.list_models().") from None
+            raise ConfigError(f"Unknown model {name!r}: use malaria_cnn or a name from timm.list_models().") from None
         raise
     except OSError as err:  # the hub is unreachable or has no weights for this name
-        raise RuntimeError(
+        raise MissingError(
             f"Cannot fetch pretrained weights for {name!r} ({err}). Without internet, download the weights "
             "elsewhere and set model.pretrained_file to the local .pth/.safetensors, or set pretrained: false."
         ) from None

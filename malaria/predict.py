@@ -16,7 +16,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from malaria import archive, runs
+from malaria import archive, errors, runs
 from malaria.datamodule import MalariaDataModule
 from malaria.module import MalariaClassifier
 from malaria.priors import DEFAULT_STRENGTH, SlidePrior
@@ -128,4 +128,4 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main)

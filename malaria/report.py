@@ -41,7 +41,7 @@ from torchmetrics.functional.classification import (
     binary_f1_score,
 )
 
-from malaria import predict, runs, tracking
+from malaria import errors, predict, runs, tracking
 from malaria.atomic import replace_file, write_text
 from malaria.datamodule import MalariaDataModule, whole_batch
 from malaria.module import MalariaClassifier
@@ -502,4 +502,4 @@ def main(argv: Sequence[str] | None = None) -> Report:
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main)

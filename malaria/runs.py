@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from malaria import atomic
+from malaria.errors import MissingError
 
 RUNS_DIR = Path("runs")
 PACKAGES = ("torch", "torchvision", "lightning", "timm", "albumentations", "torchmetrics", "numpy", "wandb")
@@ -54,7 +55,7 @@ def checkpoint(run_dir: Path, which: str = "best") -> Path:
     (its latest weights: the final ones once training has finished)."""
     path = run_dir / "checkpoints" / f"{which}.ckpt"
     if not path.exists():
-        raise FileNotFoundError(f"{run_dir} has no checkpoints/{which}.ckpt: did its training finish an epoch?")
+        raise MissingError(f"{run_dir} has no checkpoints/{which}.ckpt: did its training finish an epoch?")
     return path
 
 
@@ -62,7 +63,7 @@ def latest_run(runs_dir: Path = RUNS_DIR) -> Path:
     """The most recently modified run that has a best checkpoint."""
     runs = [p.parent.parent for p in runs_dir.glob("*/checkpoints/best.ckpt")]
     if not runs:
-        raise FileNotFoundError(f"No trained run in {runs_dir}/: run `make train` first.")
+        raise MissingError(f"No trained run in {runs_dir}/: run `make train` first.")
     return max(runs, key=lambda p: (p / "checkpoints" / "best.ckpt").stat().st_mtime)
 
 

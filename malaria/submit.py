@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import binomtest
 
+from malaria import errors
 from malaria.archive import SAMPLE_SUBMISSION
 from malaria.atomic import stage_file
 from malaria.slide_errors import describe_errors
@@ -32,7 +33,7 @@ LABELS = ("0", "1")
 SHOWN = 3  # how many offending ids an error message lists
 
 
-class SubmissionError(ValueError):
+class SubmissionError(errors.UserError, ValueError):
     """A submission is malformed; the message names the file and the first offending line or ids."""
 
 
@@ -297,4 +298,4 @@ def main(argv: Sequence[str] | None = None) -> list[float] | None:
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main)

@@ -23,7 +23,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.trainer import Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
-from malaria import runs
+from malaria import errors, runs
 from malaria.datamodule import MalariaDataModule
 from malaria.models import default_image_size
 from malaria.module import MalariaClassifier
@@ -158,4 +158,4 @@ def main(args: list[str] | None = None, run: bool = True) -> MalariaCLI:
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main)

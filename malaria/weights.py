@@ -15,8 +15,10 @@ from dataclasses import dataclass
 import timm
 import torch
 
+from malaria.errors import UserError
 
-class WeightsError(RuntimeError):
+
+class WeightsError(UserError, RuntimeError):
     """Packaged weights that are missing or do not fit the network they are meant for."""
 
 

@@ -1,0 +1,35 @@
+"""The project's own failures, and how every verb reports them.
+
+An error about what the user gave (data, a recipe, a run, weights, a submission) derives from
+`UserError`: the verb prints it as one paragraph on stderr and exits with 1, with no traceback,
+since the message already names the file, row or member at fault. Anything else is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+
+class UserError(Exception):
+    """A problem with the user's input that the message fully explains."""
+
+
+class MissingError(UserError, FileNotFoundError):
+    """A run, checkpoint or file the command needs is not there."""
+
+
+class ConfigError(UserError, ValueError):
+    """A recipe or flag that cannot work."""
+
+
+def run(main: Callable[[], Any]) -> NoReturn:
+    """Call an entry point's `main`; a UserError ends it with `error: <message>` and exit status 1."""
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(0)

@@ -1,0 +1,75 @@
+"""What a user sees when a verb fails on their input: one paragraph, exit status 1, no traceback,
+and nothing written in their folders. The commands run as `make` runs them, in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import write_competition
+
+from malaria import errors
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def train(data_dir: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return run("malaria.train", "fit", "--config", str(REPO / "configs/default.yaml"),
+               "--data.data_dir", str(data_dir), "--data.image_size", "16", "--data.num_workers", "0",
+               "--trainer.max_epochs", "1", cwd=cwd)
+
+
+def assert_one_paragraph(result: subprocess.CompletedProcess[str], *named: str) -> str:
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    message = result.stderr[result.stderr.index("error: "):].strip()
+    assert "\n\n" not in message and all(n in message for n in named), message
+    return message
+
+
+def test_zips_without_the_labels_csv_fail_naming_the_missing_file(tmp_path: Path) -> None:
+    data = write_competition(tmp_path / "data")
+    (data / "train_labels.csv").unlink()
+    before = snapshot(data)
+    message = assert_one_paragraph(train(data, tmp_path), "train_data.zip, test_data.zip", "train_labels.csv")
+    assert "demo" in message  # says how demo data would be had instead
+    assert snapshot(data) == before and not (data / "demo").exists()  # no demo data written beside them
+
+
+def test_a_bad_label_fails_naming_the_csv_line(tmp_path: Path) -> None:
+    data = write_competition(tmp_path / "data")
+    rows = (data / "train_labels.csv").read_text().splitlines()
+    rows[3] = rows[3].rsplit(",", 1)[0] + ",2"
+    (data / "train_labels.csv").write_text("\n".join(rows) + "\n")
+    before = snapshot(data)
+    assert_one_paragraph(train(data, tmp_path), "train_labels.csv")
+    assert snapshot(data) == before
+    assert not list(tmp_path.glob("runs/*/checkpoints/*.ckpt"))
+
+
+def test_predicting_from_a_missing_run_says_so(tmp_path: Path) -> None:
+    assert_one_paragraph(run("malaria.predict", "--run", "runs/nothing", cwd=tmp_path), "runs/nothing")
+
+
+def test_unexpected_errors_keep_their_traceback() -> None:
+    def broken() -> None:
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError):
+        errors.run(broken)
+    with pytest.raises(SystemExit) as exit_:
+        errors.run(lambda: (_ for _ in ()).throw(errors.ConfigError("bad recipe")))
+    assert exit_.value.code == 1
