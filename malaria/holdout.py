@@ -38,7 +38,7 @@ def holdout_probabilities(run_dir: Path, prior: float = DEFAULT_STRENGTH,
     on, each without and with the slide prior of the holdout's training side."""
     model, datamodule = load(runs.checkpoint(run_dir))
     if datamodule.hparams.val_fraction == 0:
-        raise ValueError(f"{run_dir} trained on every image (data.val_fraction 0): it has no holdout to score.")
+        raise errors.ConfigError(f"{run_dir} trained on every image (data.val_fraction 0): it has no holdout to score.")
     probs = {}
     for tta in (False, True):
         model.hparams.tta = tta
@@ -54,7 +54,7 @@ def score_runs(run_dirs: Sequence[Path], prior: float = DEFAULT_STRENGTH) -> pd.
     for run_dir in run_dirs:
         ids, labels, probs = holdout_probabilities(run_dir, prior)
         if first_ids is not None and ids != first_ids:
-            raise ValueError(
+            raise errors.ConfigError(
                 f"{run_dir} holds out other images than {run_dirs[0]}: their data settings (data.seed, "
                 "data.split, data.val_fraction, data.fold or the training files) differ, so no shared "
                 "holdout can score their ensemble."

@@ -82,7 +82,7 @@ def ensemble(checkpoints: Sequence[Path], data_dir: str | None, tta: bool | None
     for checkpoint in checkpoints:
         these_ids, probs = predict_checkpoint(checkpoint, data_dir, tta, prior)
         if ids is not None and these_ids != ids:
-            raise ValueError(f"{checkpoint} predicts a different test set than {checkpoints[0]}.")
+            raise errors.ConfigError(f"{checkpoint} predicts a different test set than {checkpoints[0]}.")
         ids, total = these_ids, probs if total is None else total + probs
     return ids, total / len(checkpoints)
 

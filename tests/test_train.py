@@ -51,7 +51,8 @@ def test_predict_writes_a_valid_submission_and_never_overwrites(trained: Path, d
     sample = pd.read_csv(demo_dir / "sample_submission.csv")
     table = validate_submission(out, sample["img_name"].tolist())
     assert len(table) == len(sample)
-    assert json.loads(out.with_name(out.name + ".json").read_text())["runs"] == ["tiny"]
+    metadata = json.loads(out.with_name(out.name + ".json").read_text())
+    assert metadata["runs"] == ["tiny"] and metadata["slide_prior"] == 1.0
     before = out.read_bytes()
     with pytest.raises(FileExistsError):
         predict.main(["--run", str(trained), "--data-dir", str(demo_dir), "--out", str(out)])
