@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/default.yaml
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install train features predict holdout cv lr-find report score submit data test bench clean-cache help
+.PHONY: install train features predict holdout cv audit lr-find report score submit data test bench clean-cache help
 
 help:
 	@echo "make train    [DATA_DIR=data] [CONFIG=configs/<recipe>.yaml] [EPOCHS=N] [ARGS='--model.lr=1e-3'] [RESUME=runs/<run>]"
@@ -15,6 +15,7 @@ help:
 	@echo "make submit   [FILE=submissions/x.csv] [MESSAGE='...'] [DRY_RUN=1]"
 	@echo "make score    [FILE='a.csv [b.csv ...]'] [ANSWERS=DATA_DIR/test_labels.csv]  accuracy against an answer key; b, c... compared with a"
 	@echo "make cv       [K=5] [CONFIG=...] [DATA_DIR=...] [EPOCHS=N] [ARGS=...]   slide-grouped cross-validation"
+	@echo "make audit    [RUN=runs/<cv>] or [K=5] [CONFIG=...] [DATA_DIR=...] [EPOCHS=N]  suspect labels from out-of-fold predictions"
 	@echo "make lr-find  [CONFIG=...] [DATA_DIR=...]  learning-rate range test"
 	@echo "make features [CONFIG=configs/resnet18_features.yaml] [DATA_DIR=...]  frozen backbone, cached features"
 	@echo "make report   [RUN=runs/<run>] [DATA_DIR=...]  figures, Grad-CAM and report.md for a run"
@@ -52,6 +53,13 @@ holdout: install
 cv: install
 	$(PY) -m malaria.cv --k $(or $(K),5) --config $(CONFIG) $(if $(DATA_DIR),--data.data_dir $(DATA_DIR)) \
 		$(if $(EPOCHS),--trainer.max_epochs $(EPOCHS)) $(ARGS)
+
+# Without RUN, a slide-grouped CV runs first (named here, so the audit knows where its predictions are).
+AUDIT_CV := runs/audit-cv-$(shell date +%Y%m%d-%H%M%S)
+audit: install
+	$(if $(RUN),,$(PY) -m malaria.cv --k $(or $(K),5) --config $(CONFIG) --name $(notdir $(AUDIT_CV)) \
+		$(if $(DATA_DIR),--data.data_dir $(DATA_DIR)) $(if $(EPOCHS),--trainer.max_epochs $(EPOCHS)) $(ARGS) &&) \
+	$(PY) -m malaria.audit --run $(or $(RUN),$(AUDIT_CV))
 
 lr-find: install
 	$(PY) -m malaria.lr_find --config $(CONFIG) $(if $(DATA_DIR),--data.data_dir $(DATA_DIR)) $(ARGS)

@@ -11,6 +11,7 @@ from pathlib import Path
 import albumentations as A
 import lightning as L
 import numpy as np
+import pandas as pd
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -104,6 +105,7 @@ class MalariaDataModule(L.LightningDataModule):
         fold: int = 0,
         split: splits.Split = "slide",
         train_cells: int | None = None,
+        exclude: str | None = None,
         seed: int = 42,
         batch_size: int = 128,
         num_workers: int | None = None,
@@ -173,6 +175,8 @@ class MalariaDataModule(L.LightningDataModule):
                 self.train_table.labels, self.train_table.ids, self.hparams.val_fraction, self.hparams.seed,
                 self.hparams.fold, self.hparams.split,
             )
+            if self.hparams.exclude:  # suspect labels (make audit) leave training, never the holdout
+                self.train_rows = self._without(self.train_rows, Path(self.hparams.exclude))
             if self.hparams.train_cells is not None:  # a learning curve's point; the holdout stays whole
                 self.train_rows = splits.subsample(self.train_rows, self.train_table.labels,
                                                    self.hparams.train_cells, self.hparams.seed)
@@ -180,6 +184,19 @@ class MalariaDataModule(L.LightningDataModule):
         if stage in ("test", "predict") and self.test_table is None:
             self.test_table = archive.load_test(source)
             self.test_cache = cache.build(self.test_table, size, self.cache_dir, "test")
+
+    def _without(self, rows: np.ndarray, exclude_csv: Path) -> np.ndarray:
+        """`rows` less the training cells named in the img_name column of `exclude_csv`."""
+        try:
+            excluded = pd.read_csv(exclude_csv, dtype=str, usecols=["img_name"])["img_name"].str.strip()
+        except (OSError, ValueError) as err:  # missing file, unreadable CSV, or no img_name column
+            raise archive.DataError(f"data.exclude {exclude_csv}: {err}") from None
+        index = {name: row for row, name in enumerate(self.train_table.ids)}
+        unknown = [name for name in excluded if name not in index]
+        if unknown:
+            raise archive.DataError(f"{exclude_csv}: {len(unknown)} ids are not training cells of "
+                                    f"{self.source_dir}, the first {unknown[0]!r}.")
+        return np.setdiff1d(rows, [index[name] for name in excluded])
 
     def _ranks(self) -> dict[str, int]:
         """num_replicas and rank under DDP; empty on one device."""

@@ -21,6 +21,10 @@ class MissingError(UserError, FileNotFoundError):
     """A run, checkpoint or file the command needs is not there."""
 
 
+class ExistsError(UserError, FileExistsError):
+    """An output that is never overwritten is already there."""
+
+
 class ConfigError(UserError, ValueError):
     """A recipe or flag that cannot work."""
 
