@@ -118,7 +118,8 @@ def read_id_csv(csv_path: Path, with_labels: bool) -> pd.DataFrame:
         found = ",".join(frame.columns)
         raise DataError(f"{csv_path}: expected a header with {wanted}, found {found[:80]!r}.")
     wanted_columns = [id_column, "label"] if with_labels else [id_column]
-    extra = [c for c in frame.columns if c not in wanted_columns]
+    # a sample submission's label column is its format, not an extra
+    extra = [c for c in frame.columns if c not in wanted_columns and c != "label"]
     if extra:
         log.warning("%s: ignoring columns %s", csv_path, _listing(extra))
     frame = frame[wanted_columns].rename(columns={id_column: "img_name"}).apply(lambda c: c.str.strip())

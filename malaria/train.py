@@ -11,6 +11,7 @@ trains, for the recipe's epochs, and the final weights are the run's `best.ckpt`
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import warnings
@@ -33,6 +34,9 @@ from malaria.tracking import MODES, WandbSaveConfig, finish_wandb, make_loggers
 # meant to win over the data module's, and Lightning's own pytree call trips a torch deprecation.
 warnings.filterwarnings("ignore", message="You have overridden `on_after_batch_transfer`")
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+# Lightning advertises its cloud logger on every Trainer, the project's own included.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: not str(record.msg).startswith("💡 Tip"))
 
 # DDP starts the other ranks by running the same command again; they read the run name here.
 RUN_ENV = "MALARIA_RUN"

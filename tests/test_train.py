@@ -1,15 +1,17 @@
 """End to end on generated demo data: train, then predict a valid submission."""
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import lightning as L
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
 
-from malaria import predict, train
+from malaria import archive, predict, train
 from malaria.submit import validate_submission
 
 TINY = [
@@ -150,3 +152,11 @@ def test_every_recipe_builds_its_model_data_and_trainer(recipe: Path, tmp_path: 
     assert cli.trainer.checkpoint_callback.monitor == "val/acc"
     assert cli.datamodule.hparams.image_size >= 32
     assert sum(p.numel() for p in cli.model.parameters()) > 0
+
+
+def test_runs_print_no_cloud_logger_tip_nor_a_sample_submission_warning(demo_dir: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO):
+        L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        archive.load_test(demo_dir)
+    assert "litlogger" not in caplog.text and "ignoring columns" not in caplog.text
