@@ -43,7 +43,9 @@ def holdout_probabilities(run_dir: Path, prior: float = DEFAULT_STRENGTH,
     for tta in (False, True):
         model.hparams.tta = tta
         ids, probs[tta, False], labels = predict_split(model, datamodule, split="val")
-        probs[tta, True] = slide_prior(datamodule, "val", prior).adjust(ids, probs[tta, False])
+    prior_of_slides = slide_prior(datamodule, "val", prior)
+    for tta in (False, True):
+        probs[tta, True] = prior_of_slides.adjust(ids, probs[tta, False])
     return ids, labels, probs
 
 

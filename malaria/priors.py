@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from malaria import splits
 
@@ -42,15 +43,11 @@ class SlidePrior:
     def fit(cls, names: Sequence[str], labels: np.ndarray, strength: float = DEFAULT_STRENGTH) -> SlidePrior:
         if strength <= 0:
             raise ValueError(f"slide prior strength must be > 0 pseudo-cells, got {strength}")
-        labels = np.asarray(labels, dtype=np.float64)
-        overall = labels.mean()
-        slides = np.array([splits.slide_of(n) for n in names], dtype=object)
-        shifts = {}
-        for slide in set(slides) - {None}:
-            of_slide = labels[slides == slide]
-            rate = (of_slide.sum() + strength * overall) / (len(of_slide) + strength)
-            shifts[slide] = float(logit(rate) - logit(overall))
-        return cls(shifts)
+        cells = pd.DataFrame({"slide": [splits.slide_of(n) for n in names], "label": np.asarray(labels, float)})
+        overall = cells["label"].mean()
+        per_slide = cells.dropna(subset=["slide"]).groupby("slide")["label"].agg(["sum", "size"])
+        rates = (per_slide["sum"] + strength * overall) / (per_slide["size"] + strength)
+        return cls({slide: float(shift) for slide, shift in (logit(rates) - logit(overall)).items()})
 
     def adjust(self, names: Sequence[str], probs: np.ndarray) -> np.ndarray:
         """Probabilities of parasitized with each cell's slide taken into account."""
