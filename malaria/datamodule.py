@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from malaria import archive, cache, splits
@@ -21,7 +22,6 @@ from malaria.checkpointing import ResumableLoader, ResumableSampler
 from malaria.transforms import Augment, train_transform
 
 log = logging.getLogger(__name__)
-
 
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -181,9 +181,18 @@ class MalariaDataModule(L.LightningDataModule):
                 self.train_rows = splits.subsample(self.train_rows, self.train_table.labels,
                                                    self.hparams.train_cells, self.hparams.seed)
             self.train_cache = cache.build(self.train_table, size, self.cache_dir, "train")
+            rank_zero_info(self.split_summary)
         if stage in ("test", "predict") and self.test_table is None:
             self.test_table = archive.load_test(source)
             self.test_cache = cache.build(self.test_table, size, self.cache_dir, "test")
+
+    @property
+    def split_summary(self) -> str:
+        """How many cells, slides and parasitized cells each side of the holdout got."""
+        labels, ids = self.train_table.labels, self.train_table.ids
+        validation = splits.describe(labels, ids, self.val_rows) if len(self.val_rows) else "none (a full fit)"
+        return (f"Holdout ({self.hparams.split} split): training {splits.describe(labels, ids, self.train_rows)}; "
+                f"validation {validation}.")
 
     def _without(self, rows: np.ndarray, exclude_csv: Path) -> np.ndarray:
         """`rows` less the training cells named in the img_name column of `exclude_csv`."""

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from malaria import splits
+from malaria.errors import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -87,3 +88,53 @@ def test_subsample_keeps_class_proportions_and_is_seeded() -> None:
     assert not np.array_equal(taken, splits.subsample(rows, labels, 50, seed=1))
     with pytest.raises(ValueError, match="cannot train on 201 cells: the training side holds 200"):
         splits.subsample(rows, labels, 201, seed=0)
+
+
+def _uneven(seed: int = 0) -> tuple[list[str], np.ndarray]:
+    """15 slides as uneven as a real competition's (dev's test slides): 60 to 75 uninfected cells on
+    each, and from none (3 healthy patients) to 245 parasitized ones."""
+    rng = np.random.default_rng(seed)
+    parasitized = rng.permutation([0, 0, 0, 2, 5, 10, 20, 30, 45, 60, 100, 124, 131, 176, 245])
+    names, labels = [], []
+    for s, positives in enumerate(parasitized):
+        negatives = int(rng.integers(60, 76))
+        names += [f"C{s}P{s}ThinF_IMG_1_cell_{i}.png" for i in range(negatives + positives)]
+        labels += [0] * negatives + [1] * positives
+    return names, np.array(labels)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 42])
+def test_holdout_of_uneven_slides_is_near_the_fraction_with_the_classes_balanced(seed: int) -> None:
+    names, labels = _uneven(seed)
+    train, val = splits.holdout(labels, names, 0.2, seed=seed)
+    assert not set(splits.groups(names)[train]) & set(splits.groups(names)[val])
+    assert abs(len(val) / len(names) - 0.2) < 0.03
+    assert abs(labels[val].mean() - labels.mean()) < 0.05
+
+
+def test_folds_of_uneven_slides_are_of_even_size() -> None:
+    names, labels = _uneven()
+    folds = splits.kfold(labels, names, 5, seed=0)
+    sizes = np.array([len(val) for _, val in folds])
+    assert sorted(np.concatenate([val for _, val in folds]).tolist()) == list(range(len(names)))
+    assert np.all(np.abs(sizes - len(names) / 5) < 0.15 * len(names) / 5), sizes
+
+
+def test_slides_too_few_for_the_fraction_are_split_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    names = [f"C{s}P{s}ThinF_IMG_1_cell_{i}.png" for s, n in enumerate([10, 10, 80]) for i in range(n)]
+    labels = np.array([i % 2 for i in range(100)])
+    with caplog.at_level("WARNING"):
+        train, val = splits.holdout(labels, names, 0.5, seed=0)
+    assert len(train) and len(val)
+    assert "cannot be split near val_fraction 0.50" in caplog.text and "slides" in caplog.text
+
+
+def test_describe_counts_cells_slides_and_parasitized() -> None:
+    names, labels = _names(4, 5)
+    assert splits.describe(labels, names, np.arange(10)) == "10 cells (50.0%) from 2 slides, 50.0% parasitized"
+
+
+def test_fewer_slides_than_folds_is_the_users_error() -> None:
+    names, labels = _names(3, 10)
+    with pytest.raises(ConfigError, match="5 slide-grouped folds from 3 slides"):
+        splits.kfold(labels, names, 5, seed=0)
