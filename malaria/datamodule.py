@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -151,9 +152,14 @@ class MalariaDataModule(L.LightningDataModule):
                 f"{self.data_dir} holds no train_data.zip + train_labels.csv; run `make data` or set data.demo: true."
             )
         source = self.source_dir
-        cache.build(archive.load_train(source), self.hparams.image_size, self.cache_dir, "train")
-        if (source / archive.TEST_ZIP).exists():
-            cache.build(archive.load_test(source), self.hparams.image_size, self.cache_dir, "test")
+        # Every table is checked before any cache is written: a bad file leaves the folder as it was.
+        # Prediction needs the test images alone (the slide prior reads the training labels, not images).
+        predicting = self.trainer is not None and self.trainer.state.fn == TrainerFn.PREDICTING
+        tables = {} if predicting else {"train": archive.load_train(source)}
+        if predicting or (source / archive.TEST_ZIP).exists():
+            tables["test"] = archive.load_test(source)
+        for split, table in tables.items():
+            cache.build(table, self.hparams.image_size, self.cache_dir, split)
 
     def _make_demo(self) -> None:
         from malaria.demo import make_demo_competition

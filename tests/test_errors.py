@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from commands import run_commands
 from conftest import write_competition
 
-from malaria import errors
+from malaria import errors, train as train_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,6 +59,34 @@ def test_a_bad_label_fails_naming_the_csv_line(tmp_path: Path) -> None:
     assert_one_paragraph(train(data, tmp_path), "train_labels.csv")
     assert snapshot(data) == before
     assert not list(tmp_path.glob("runs/*/checkpoints/*.ckpt"))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run, trained in-process on a tiny competition."""
+    data = write_competition(tmp_path_factory.mktemp("good") / "data")
+    runs_dir = tmp_path_factory.mktemp("runs")
+    train_cli.main(["fit", "--config", str(REPO / "configs/default.yaml"), "--data.data_dir", str(data),
+                    "--data.image_size", "16", "--data.num_workers", "0", "--trainer.max_epochs", "1",
+                    "--trainer.enable_progress_bar", "false", "--wandb.mode", "disabled",
+                    "--runs_dir", str(runs_dir), "--run", "tiny"])
+    return runs_dir / "tiny"
+
+
+def test_predicting_on_a_partial_competition_names_what_is_wrong(tmp_path: Path, tiny_run: Path) -> None:
+    no_test_zip = write_competition(tmp_path / "no_test_zip")
+    (no_test_zip / "test_data.zip").unlink()
+    disagreeing = write_competition(tmp_path / "disagreeing")
+    (disagreeing / "sample_submission.csv").write_text("img_name,label\nnot-in-the-zip.png,0\n")
+    folders = {"no_test_zip": no_test_zip, "disagreeing": disagreeing}
+    before = {name: snapshot(folder) for name, folder in folders.items()}
+    results = run_commands([("malaria.predict", ["--run", str(tiny_run), "--data-dir", str(folder),
+                                                 "--out", str(tmp_path / f"{name}.csv")], tmp_path)
+                            for name, folder in folders.items()], tmp_path / "logs")
+    assert_one_paragraph(results[0], str(no_test_zip / "test_data.zip"), "not found")
+    assert_one_paragraph(results[1], str(disagreeing / "sample_submission.csv"), "not-in-the-zip.png")
+    assert {name: snapshot(folder) for name, folder in folders.items()} == before
+    assert not list(tmp_path.glob("*.csv"))  # no submission written
 
 
 def test_predicting_from_a_missing_run_says_so(tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ is dropped). In every case the existing runs, caches and submissions stay byte-f
 were. Every input is generated here; the test ids read as the behaviour table of issue 8.
 
 Inputs go through `MalariaDataModule.prepare_data` + `setup`, the code `make train` and
-`make predict` run before the first batch; the last tests go through the training CLI itself.
+`make predict` run before the first batch; then the whole table again through `make train`'s own
+command, in child processes, for what the user sees; the last tests go through the training CLI.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from commands import REPO, Result, run_commands
 from conftest import cell, png_bytes, write_competition, write_zip
 from PIL import Image
 
@@ -241,7 +243,7 @@ def deflate64(data: bytearray, info: zipfile.ZipInfo) -> None:
 class Fails:
     file: str  # the file the message must name
     pattern: str  # regex the message must match; {culprit} stands for what the generator returned
-    train_cache_ok: bool = False  # a test-side error may come after the (valid) training cache was built
+    cli_pattern: str | None = None  # where `make train` words it otherwise (it looks for demo data first)
 
 
 FAILING = [
@@ -383,7 +385,7 @@ FAILING = [
     ),
     pytest.param(
         lambda f: (f / "train_data.zip").unlink(),
-        Fails("", "holds no train_data.zip"),
+        Fails("", "holds no train_data.zip", cli_pattern="holds train_labels.csv, test_data.zip but no train_data.zip"),
         id="training zip missing -> error saying what to put where",
     ),
     # test side
@@ -392,12 +394,12 @@ FAILING = [
             (f / "sample_submission.csv").write_text("img_name,label\nnot-in-test.png,0\n")
             and "not-in-test.png"
         ),
-        Fails("sample_submission.csv", "1 ids have no image in .*test_data.zip: '{culprit}'", True),
+        Fails("sample_submission.csv", "1 ids have no image in .*test_data.zip: '{culprit}'"),
         id="sample_submission id missing from the test zip -> error naming it",
     ),
     pytest.param(
         lambda f: (f / "test_data.zip").write_bytes(b"PK\x03\x04 cut short"),
-        Fails("test_data.zip", "not a readable zip archive", True),
+        Fails("test_data.zip", "not a readable zip archive"),
         id="truncated test zip -> error naming it",
     ),
 ]
@@ -417,7 +419,52 @@ def test_bad_input_fails_naming_the_culprit(
     with pytest.raises(DataError, match=pattern) as error:
         load(folder, workspace.cache_dir)
     assert str(folder / expected.file) in str(error.value)
-    workspace.assert_untouched(before, new_files_allowed=expected.train_cache_ok)
+    workspace.assert_untouched(before)  # every table is checked before any cache is written
+
+
+@dataclass(frozen=True)
+class CommandRun:
+    folder: Path
+    culprit: str | None
+    before: dict
+    result: Result
+
+
+@pytest.fixture(scope="module")
+def train_commands(tmp_path_factory: pytest.TempPathFactory) -> dict[str, CommandRun]:
+    """`make train` on every bad input of the table, all in one batch of child processes."""
+    root = tmp_path_factory.mktemp("commands")
+    cases, commands = {}, []
+    for param in FAILING:
+        make_bad = param.values[0]
+        folder = write_competition(root / f"case{len(cases)}" / "data", n=N)
+        culprit = make_bad(folder)
+        cases[param.id] = (folder, culprit, snapshot(folder))
+        commands.append(("malaria.train", [
+            "fit", "--config", str(REPO / "configs/default.yaml"), "--data.data_dir", str(folder),
+            "--data.cache_dir", str(folder.parent / "cache"), "--data.image_size", str(SIZE),
+            "--data.num_workers", "0", "--trainer.max_epochs", "1", "--wandb.mode", "disabled",
+        ], folder.parent))
+    results = run_commands(commands, root / "logs")
+    return {case: CommandRun(*cases[case], result) for case, result in zip(cases, results)}
+
+
+@pytest.mark.parametrize(("make_bad", "expected"), FAILING)
+def test_make_train_on_bad_input_prints_one_paragraph(
+    make_bad: Callable[[Path], str | None], expected: Fails, request: pytest.FixtureRequest,
+    train_commands: dict[str, CommandRun],
+) -> None:
+    run = train_commands[request.node.callspec.id]
+    stderr = run.result.stderr
+    assert run.result.returncode == 1, stderr[-3000:]
+    assert "Traceback" not in stderr and "error: " in stderr, stderr[-3000:]
+    message = stderr[stderr.index("error: "):].strip()
+    assert "\n" not in message, message  # one paragraph, nothing after it
+    culprit = re.escape(run.culprit) if isinstance(run.culprit, str) else ""
+    assert re.search((expected.cli_pattern or expected.pattern).replace("{culprit}", culprit), message), message
+    assert str(run.folder / expected.file) in message
+    assert snapshot(run.folder) == run.before  # the competition folder is as the user left it
+    assert not list(run.folder.parent.glob("runs/*/checkpoints/*"))
 
 
 # ----------------------------------------------------------------------------------------------
