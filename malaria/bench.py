@@ -51,8 +51,8 @@ from malaria import cache, errors
 from malaria.archive import ImageTable
 from malaria.checkpointing import ResumableSampler
 from malaria.datamodule import CellDataset, MalariaDataModule, default_workers, whole_batch
+from malaria.inference import default_precision
 from malaria.module import MalariaClassifier
-from malaria.train import default_precision
 from malaria.transforms import train_transform
 
 STAGES = ("decode", "data", "train", "predict")

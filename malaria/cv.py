@@ -14,21 +14,14 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import torch
 from rich.console import Console
 from rich.table import Table
-from torchmetrics.functional.classification import binary_accuracy, binary_auroc, binary_f1_score
 
 from malaria import errors, runs, splits, train
 from malaria.atomic import replace_file
-from malaria.predict import load, predict_split
-
-
-def fold_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    p, y = torch.as_tensor(probs), torch.as_tensor(labels)
-    return {"acc": binary_accuracy(p, y).item(), "f1": binary_f1_score(p, y).item(), "auroc": binary_auroc(p, y).item()}
+from malaria.inference import load, predict_split
+from malaria.metrics import score
 
 
 def run_fold(config: str, k: int, fold: int, name: str, runs_dir: Path, overrides: Sequence[str]) -> Path:
@@ -68,9 +61,9 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         run_dir = run_fold(args.config, args.k, fold, name, args.runs_dir, overrides)
         fold_dirs.append(str(run_dir))
         model, datamodule = load(runs.checkpoint(run_dir))
-        ids, probs, labels = predict_split(model, datamodule, split="val")
-        rows.append({"fold": fold, "images": len(ids), **fold_metrics(probs, labels)})
-        oof.append(pd.DataFrame({"img_name": ids, "label": labels, "prob": probs, "fold": fold}))
+        val = predict_split(model, datamodule, split="val")
+        rows.append({"fold": fold, "images": len(val.ids), **score(val.probs, val.labels)})
+        oof.append(pd.DataFrame({"img_name": val.ids, "label": val.labels, "prob": val.probs, "fold": fold}))
 
     per_fold = pd.DataFrame(rows)
     replace_file(args.runs_dir / f"{name}-oof.csv", lambda f: pd.concat(oof).to_csv(f, index=False))

@@ -33,24 +33,18 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
 from torch import nn
-from torch.utils.data import DataLoader
-from torchmetrics.functional.classification import (
-    binary_accuracy,
-    binary_auroc,
-    binary_average_precision,
-    binary_f1_score,
-)
 
-from malaria import errors, predict, runs, tracking
+from malaria import errors, runs, tracking
 from malaria.atomic import replace_file, write_text
-from malaria.datamodule import MalariaDataModule, whole_batch
+from malaria.datamodule import MalariaDataModule
+from malaria.inference import load, predict_split
+from malaria.metrics import THRESHOLD, classes, score
 from malaria.module import MalariaClassifier
 from malaria.slide_errors import describe_errors
 
 log = logging.getLogger(__name__)
 
 CLASSES = ("uninfected", "parasitized")
-THRESHOLD = 0.5  # the submission's cut-off (malaria.predict)
 FIGURES_DIR = "figures"
 DPI = 110
 TITLES = {
@@ -81,7 +75,7 @@ class ValPredictions:
 
     @property
     def preds(self) -> np.ndarray:
-        return (self.probs >= THRESHOLD).astype(np.int64)
+        return classes(self.probs)
 
     def images(self, index: np.ndarray | int) -> np.ndarray:
         """uint8 HxWx3 image(s) of validation position(s) `index`."""
@@ -95,50 +89,17 @@ class Report:
     metrics: dict[str, float]
 
 
-def load_run(checkpoint: Path, data_dir: str | None = None,
-             device: str | torch.device = "cpu") -> tuple[MalariaClassifier, MalariaDataModule]:
-    """The model and the data module of a checkpoint, with the validation split the run used."""
-    model, datamodule = predict.load(checkpoint, data_dir)
-    datamodule.prepare_data()
-    datamodule.setup("validate")
-    return model.to(device), datamodule
-
-
-@torch.no_grad()
 def predict_validation(model: MalariaClassifier, datamodule: MalariaDataModule) -> ValPredictions:
-    """P(parasitized) for every validation cell, one plain forward pass each (no TTA), as
-    `val/acc` was measured during training."""
-    model.eval()
-    # All of the split in one process: under DDP the module's own loader holds one rank's share.
-    dataset = datamodule.val_dataloader().dataset
-    loader = DataLoader(dataset, batch_size=datamodule.hparams.batch_size,
-                        num_workers=datamodule.num_workers, collate_fn=whole_batch)
-    rows, probs = [], []
-    for images, _, batch_rows in loader:
-        probs.append(torch.sigmoid(model(model.normalise(images))).float().cpu())
-        rows.append(batch_rows)
-    if not rows:
-        raise ValueError(f"{datamodule.source_dir}: the validation split is empty; a report needs "
-                         "data.val_fraction > 0.")
-    row_index = torch.cat(rows).numpy()
-    table = datamodule.train_table
-    return ValPredictions(
-        ids=[table.ids[r] for r in row_index],
-        rows=row_index,
-        labels=table.labels[row_index].astype(np.int64),
-        probs=torch.cat(probs).numpy().astype(np.float64),
-        pixels=np.load(datamodule.train_cache, mmap_mode="r"),
-    )
+    """P(parasitized) for every validation cell, without TTA, as `val/acc` was measured in training."""
+    val = predict_split(model, datamodule, "val", tta=False)
+    return ValPredictions(ids=val.ids, rows=val.rows, labels=val.labels, probs=val.probs,
+                          pixels=np.load(datamodule.train_cache, mmap_mode="r"))
 
 
 def validation_metrics(predictions: ValPredictions) -> dict[str, float]:
-    """The training metrics (torchmetrics, same threshold) plus average precision and counts."""
-    probs, labels = torch.from_numpy(predictions.probs), torch.from_numpy(predictions.labels)
+    """The training metrics (same threshold) plus average precision and counts."""
     return {
-        "accuracy": binary_accuracy(probs, labels, THRESHOLD).item(),
-        "f1": binary_f1_score(probs, labels, THRESHOLD).item(),
-        "auroc": binary_auroc(probs, labels).item(),
-        "average_precision": binary_average_precision(probs, labels).item(),
+        **score(predictions.probs, predictions.labels),
         "images": len(predictions),
         "parasitized": int(predictions.labels.sum()),
         "mistakes": int((predictions.preds != predictions.labels).sum()),
@@ -489,15 +450,16 @@ def main(argv: Sequence[str] | None = None) -> Report:
     args = _parser().parse_args(argv)
     run_dir = args.run or runs.latest_run()
     checkpoint = runs.checkpoint(run_dir)
-    model, datamodule = load_run(checkpoint, args.data_dir, "cuda" if torch.cuda.is_available() else "cpu")
+    model, datamodule = load(checkpoint, args.data_dir)
     predictions = predict_validation(model, datamodule)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")  # for Grad-CAM
     report = build_report(run_dir, model, predictions, checkpoint)
     wandb_logger = tracking.make_wandb_logger(run_dir, run_dir.name, args.wandb, _wandb_project(run_dir))
     if wandb_logger is not None:
         log_to_wandb(wandb_logger, report, predictions)
         tracking.finish_wandb([wandb_logger])
     print(f"Wrote {report.markdown} ({len(report.figures)} figures, validation accuracy "
-          f"{report.metrics['accuracy']:.4f})")
+          f"{report.metrics['acc']:.4f})")
     return report
 
 

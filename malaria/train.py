@@ -18,7 +18,6 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.trainer import Trainer
@@ -26,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from malaria import errors, runs
 from malaria.datamodule import MalariaDataModule
+from malaria.inference import default_precision
 from malaria.models import default_image_size
 from malaria.module import MalariaClassifier
 from malaria.tracking import MODES, WandbSaveConfig, finish_wandb, make_loggers
@@ -40,13 +40,6 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
 
 # DDP starts the other ranks by running the same command again; they read the run name here.
 RUN_ENV = "MALARIA_RUN"
-
-
-def default_precision() -> str:
-    """Mixed precision on a GPU (bf16 where the GPU has it), full precision on a CPU."""
-    if not torch.cuda.is_available():
-        return "32-true"
-    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
 class RecordEnvironment(L.Callback):

@@ -25,13 +25,14 @@ import torch
 import yaml
 from torch.utils.data import Dataset
 
-from malaria import predict, runs, train
+from malaria import runs, train
 from malaria.checkpointing import (
     AtomicCheckpointIO,
     RefuseNonFiniteCheckpoints,
     ResumableLoader,
     ResumableSampler,
 )
+from malaria.inference import predict_checkpoints
 from malaria.module import MalariaClassifier
 
 REPO = Path(__file__).absolute().parents[1]
@@ -187,9 +188,9 @@ def test_same_seed_and_config_give_identical_predictions(
     again = straight.parent / "again"
     train.main(fit_args(recipe, demo_dir, straight.parent, "again"))
     assert_same_weights(straight / "checkpoints" / "last.ckpt", again / "checkpoints" / "last.ckpt")
-    ids, probs = predict.predict_checkpoint(straight / "checkpoints" / "best.ckpt", str(demo_dir))
-    ids_again, probs_again = predict.predict_checkpoint(again / "checkpoints" / "best.ckpt", str(demo_dir))
-    assert ids == ids_again and np.array_equal(probs, probs_again) and probs.std() > 0
+    first, second = (predict_checkpoints([run / "checkpoints" / "best.ckpt"], data_dir=str(demo_dir))
+                     for run in (straight, again))
+    assert first.ids == second.ids and np.array_equal(first.probs, second.probs) and first.probs.std() > 0
     environment = json.loads((again / "environment.json").read_text())
     assert environment["git_commit"] == runs.git_commit() and environment["packages"]["torch"]
     assert yaml.safe_load((again / "config.yaml").read_text())["seed_everything"] == 42
