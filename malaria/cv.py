@@ -18,8 +18,9 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from malaria import errors, runs, splits, train
+from malaria import errors, runs, splits
 from malaria.atomic import replace_file
+from malaria.cli import build
 from malaria.inference import load, predict_split
 from malaria.metrics import score
 
@@ -28,7 +29,7 @@ def run_fold(config: str, k: int, fold: int, name: str, runs_dir: Path, override
     """Train one fold as its own run; an already finished fold is reused, so a CV resumes."""
     run_dir = runs_dir / f"{name}-fold{fold}"
     if not (run_dir / "summary.json").exists():
-        train.main(["fit", "--config", config, "--data.split", "slide",
+        build(["fit", "--config", config, "--data.split", "slide",
                     "--data.val_fraction", str(1 / k), "--data.fold", str(fold),
                     "--run", run_dir.name, "--runs_dir", str(runs_dir), *overrides])
     return run_dir
@@ -51,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--config", default="configs/default.yaml")
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--name", default=None, help="runs are <name>-fold<i> (default: <recipe>-cv<k>-<time>)")
-    parser.add_argument("--runs-dir", type=Path, default=runs.RUNS_DIR)
+    parser.add_argument("--runs_dir", type=Path, default=runs.RUNS_DIR)
     # Anything else is a training override, e.g. --data.data_dir data --trainer.max_epochs 5.
     args, overrides = parser.parse_known_args(argv)
     name = args.name or runs.new_run_name(args.config, tag=f"cv{args.k}")

@@ -28,10 +28,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from malaria import errors
 from malaria.atomic import replace_file
+from malaria.cli import MalariaCLI
 from malaria.datamodule import CellDataset, MalariaDataModule
 from malaria.inference import predict_dataset
 from malaria.module import Batch, MalariaClassifier
-from malaria.train import MalariaCLI
 
 STANDARDISATION = "feature_standardisation"  # checkpoint entry: the classifier as it trains
 
@@ -194,6 +194,8 @@ class FeatureDataModule(L.LightningDataModule):
 
 class FeaturesCLI(MalariaCLI):
     """MalariaCLI whose `fit` trains the classifier on cached features instead of images."""
+
+    ENTRY_POINT = "features"
 
     def before_fit(self) -> None:
         super().before_fit()

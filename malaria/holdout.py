@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", nargs="*", type=Path, default=None,
                         help="run directories (default: the latest run in runs/)")
-    parser.add_argument("--slide-prior", type=float, default=DEFAULT_STRENGTH, metavar="STRENGTH",
+    parser.add_argument("--slide_prior", type=float, default=DEFAULT_STRENGTH, metavar="STRENGTH",
                         help=f"pseudo-cells of the slide prior's shrinkage (default {DEFAULT_STRENGTH})")
     args = parser.parse_args(argv)
     run_dirs = args.run or [runs.latest_run()]

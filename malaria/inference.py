@@ -15,7 +15,7 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from malaria import archive, errors
 from malaria.datamodule import CellDataset, MalariaDataModule, whole_batch
@@ -23,7 +23,7 @@ from malaria.module import MalariaClassifier
 from malaria.priors import SlidePrior
 from malaria.writer import PredictionWriter
 
-Split = Literal["val", "test"]
+Subset = Literal["val", "test"]  # the holdout of the training images, or the test set
 
 
 def default_precision() -> str:
@@ -54,7 +54,7 @@ def load(checkpoint: Path, data_dir: str | None = None) -> tuple[MalariaClassifi
     return model, datamodule
 
 
-def split_dataset(datamodule: MalariaDataModule, split: Split) -> CellDataset:
+def split_dataset(datamodule: MalariaDataModule, split: Subset) -> CellDataset:
     """The un-augmented images of the test set or of the validation split, prepared on first use."""
     if split not in ("val", "test"):
         raise errors.ConfigError(f"split must be 'val' or 'test', not {split!r}.")
@@ -65,7 +65,7 @@ def split_dataset(datamodule: MalariaDataModule, split: Split) -> CellDataset:
     return CellDataset(datamodule.train_cache, datamodule.val_rows, datamodule.train_table.labels)
 
 
-def predict_dataset(module: L.LightningModule, dataset: Dataset, batch_size: int, num_workers: int = 0,
+def predict_dataset(module: L.LightningModule, dataset: CellDataset, batch_size: int, num_workers: int = 0,
                     trainer: L.Trainer | None = None, key: str = "probs") -> np.ndarray:
     """`module.predict_step(...)[key]` for every row of `dataset`, in the order of `dataset.rows`.
 
@@ -75,15 +75,18 @@ def predict_dataset(module: L.LightningModule, dataset: Dataset, batch_size: int
     if trainer is None:
         trainer = L.Trainer(accelerator="auto", devices=1, precision=default_precision(), logger=False,
                             enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
-    trainer.callbacks.append(writer)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=whole_batch)
-    trainer.predict(module, dataloaders=loader, return_predictions=False)
+    trainer.callbacks.append(writer)
+    try:
+        trainer.predict(module, dataloaders=loader, return_predictions=False)
+    finally:
+        trainer.callbacks.remove(writer)  # a caller's trainer is left as it came
     return writer.probs
 
 
-def predict_split(model: MalariaClassifier, datamodule: MalariaDataModule, split: Split = "test",
-                  tta: bool | None = None, prior: float = 0.0, trainer: L.Trainer | None = None) -> Predictions:
+def predict_split(model: MalariaClassifier, datamodule: MalariaDataModule, split: Subset = "test",
+                  tta: bool | None = None, prior: float = 0.0) -> Predictions:
     """P(parasitized) of the test set or the validation split: with `tta` (default: the model's
     own setting) averaged over the 8 dihedral views; with `prior` > 0, each cell's probability
     also weighs its slide's training labels (malaria.priors)."""
@@ -95,7 +98,7 @@ def predict_split(model: MalariaClassifier, datamodule: MalariaDataModule, split
     if tta is not None:
         model.hparams.tta = tta
     try:
-        probs = predict_dataset(model, dataset, datamodule.hparams.batch_size, datamodule.num_workers, trainer)
+        probs = predict_dataset(model, dataset, datamodule.hparams.batch_size, datamodule.num_workers)
     finally:
         model.hparams.tta = saved_tta
     table = datamodule.test_table if split == "test" else datamodule.train_table
@@ -107,7 +110,7 @@ def predict_split(model: MalariaClassifier, datamodule: MalariaDataModule, split
     return Predictions(ids, rows, probs.astype(np.float64), labels)
 
 
-def slide_prior(datamodule: MalariaDataModule, split: Split, strength: float) -> SlidePrior:
+def slide_prior(datamodule: MalariaDataModule, split: Subset, strength: float) -> SlidePrior:
     """The slide prior from the labels a prediction of `split` may use: every training cell for the
     test set, only the training side of the holdout for the holdout."""
     table = datamodule.train_table if datamodule.train_table is not None else archive.load_train(datamodule.source_dir)
@@ -115,7 +118,7 @@ def slide_prior(datamodule: MalariaDataModule, split: Split, strength: float) ->
     return SlidePrior.fit([table.ids[r] for r in rows], table.labels[rows], strength)
 
 
-def predict_checkpoints(checkpoints: Sequence[Path], split: Split = "test", data_dir: str | None = None,
+def predict_checkpoints(checkpoints: Sequence[Path], split: Subset = "test", data_dir: str | None = None,
                         tta: bool | None = None, prior: float = 0.0) -> Predictions:
     """The mean probability over one or several checkpoints, which must predict the same images."""
     first: Predictions | None = None

@@ -3,7 +3,7 @@
     python -m malaria.predict                       # the latest run's best checkpoint
     python -m malaria.predict --run runs/a runs/b   # average the probabilities of several runs
     python -m malaria.predict --checkpoint last     # the final weights instead of the best epoch
-    python -m malaria.predict --slide-prior 0       # the images alone, without their slides' priors
+    python -m malaria.predict --slide_prior 0       # the images alone, without their slides' priors
 """
 
 from __future__ import annotations
@@ -25,17 +25,17 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", nargs="*", type=Path, default=None,
                         help="run directories (default: the latest run in runs/)")
-    parser.add_argument("--data-dir", default=None, help="competition folder (default: the run's own)")
+    parser.add_argument("--data.data_dir", dest="data_dir", default=None, help="competition folder (default: the run's own)")
     parser.add_argument("--out", type=Path, default=None,
                         help="submission path (default: submissions/<run>-<time>.csv)")
     parser.add_argument("--checkpoint", choices=runs.CHECKPOINTS, default="best",
                         help="each run's best holdout epoch (default) or its final weights")
-    parser.add_argument("--slide-prior", type=float, default=DEFAULT_STRENGTH, metavar="STRENGTH",
+    parser.add_argument("--slide_prior", type=float, default=DEFAULT_STRENGTH, metavar="STRENGTH",
                         help="weigh each cell's slide by the training labels of that slide, shrunk by "
                              f"STRENGTH pseudo-cells (default {DEFAULT_STRENGTH}; 0: the images alone)")
     tta = parser.add_mutually_exclusive_group()
     tta.add_argument("--tta", dest="tta", action="store_true", default=None, help="average the 8 dihedral views")
-    tta.add_argument("--no-tta", dest="tta", action="store_false")
+    tta.add_argument("--no_tta", dest="tta", action="store_false")
     return parser
 
 

@@ -74,7 +74,7 @@ def test_features_mode_trains_only_the_classifier_and_predicts_from_images(
     cli = run_features(demo_dir, tmp_path, weights, "--run", "feat")
     run = tmp_path / "feat"
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["epochs"] == 3 and 0 <= summary["best_val_acc"] <= 1
+    assert summary["epochs"] == 3  # best_val_acc is checked against predictions below
     assert {"train/loss_epoch", "val/acc"} <= set(pd.read_csv(run / "metrics.csv").columns)
     cached = list((demo_dir / ".cache").glob("train-32px-*-features-*.npy"))
     assert cached and {np.load(c).shape for c in cached} == {(240, cli.model.net.num_features)}

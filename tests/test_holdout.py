@@ -8,8 +8,7 @@ import pytest
 from malaria import holdout, train
 from malaria.metrics import score
 
-TINY = ["--config", "configs/default.yaml", "--trainer.max_epochs", "1", "--trainer.enable_model_summary", "false",
-        "--data.batch_size", "32", "--data.num_workers", "0", "--model.model_kwargs", '{"widths": [8, 16]}']
+from conftest import TINY
 
 
 @pytest.fixture(scope="module")
