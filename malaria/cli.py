@@ -179,9 +179,7 @@ class MalariaCLI(LightningCLI):
         config = self.run_config
         loggers = make_loggers(self.run_dir, config.run, config.wandb.mode, config.wandb.project)
         trainer = self._get(self.config_init, "trainer", default={})
-        infrastructure = self._get(self.config_init, "infrastructure")
-        if not isinstance(infrastructure, Infrastructure):
-            infrastructure = Infrastructure(**vars(infrastructure))
+        infrastructure: Infrastructure = self._get(self.config_init, "infrastructure")
         recipe_callbacks = _as_list(trainer.get("callbacks"))
         callbacks = [*recipe_callbacks, *infrastructure.callbacks(recipe_callbacks), RecordEnvironment(self.run_dir)]
         plugins = _as_list(trainer.get("plugins"))
