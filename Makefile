@@ -10,8 +10,8 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 
 help:
 	@echo "make train    [DATA_DIR=data] [CONFIG=configs/<recipe>.yaml] [EPOCHS=N] [ARGS='--model.lr=1e-3'] [RESUME=runs/<run>]"
-	@echo "make predict  [DATA_DIR=data] [RUN='runs/a runs/b'] [OUT=path.csv] [ARGS='--tta --checkpoint last --slide-prior 0']"
-	@echo "make holdout  [RUN='runs/a runs/b'] [ARGS='--slide-prior 5']  each run and their ensemble on the holdout they share, TTA and slide prior off and on"
+	@echo "make predict  [DATA_DIR=data] [RUN='runs/a runs/b'] [OUT=path.csv] [ARGS='--tta --checkpoint last --slide_prior 0']"
+	@echo "make holdout  [RUN='runs/a runs/b'] [ARGS='--slide_prior 5']  each run and their ensemble on the holdout they share, TTA and slide prior off and on"
 	@echo "make submit   [FILE=submissions/x.csv] [MESSAGE='...'] [DRY_RUN=1]"
 	@echo "make score    [FILE='a.csv [b.csv ...]'] [ANSWERS=DATA_DIR/test_labels.csv]  accuracy against an answer key; b, c... compared with a"
 	@echo "make cv       [K=5] [CONFIG=...] [DATA_DIR=...] [EPOCHS=N] [ARGS=...]   slide-grouped cross-validation"
@@ -45,7 +45,7 @@ features: install
 		$(if $(DATA_DIR),--data.data_dir $(DATA_DIR)) $(if $(EPOCHS),--trainer.max_epochs $(EPOCHS)) $(ARGS)
 
 predict: install
-	$(PY) -m malaria.predict $(if $(RUN),--run $(RUN)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(OUT),--out $(OUT)) $(ARGS)
+	$(PY) -m malaria.predict $(if $(RUN),--run $(RUN)) $(if $(DATA_DIR),--data.data_dir $(DATA_DIR)) $(if $(OUT),--out $(OUT)) $(ARGS)
 
 holdout: install
 	$(PY) -m malaria.holdout $(if $(RUN),--run $(RUN)) $(ARGS)
@@ -65,22 +65,22 @@ lr-find: install
 	$(PY) -m malaria.lr_find --config $(CONFIG) $(if $(DATA_DIR),--data.data_dir $(DATA_DIR)) $(ARGS)
 
 report: install
-	$(PY) -m malaria.report $(if $(RUN),--run $(RUN)) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+	$(PY) -m malaria.report $(if $(RUN),--run $(RUN)) $(if $(DATA_DIR),--data.data_dir $(DATA_DIR))
 
 bench: install
-	@$(PY) -m malaria.bench --config $(CONFIG) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
+	@$(PY) -m malaria.bench --config $(CONFIG) $(if $(DATA_DIR),--data.data_dir $(DATA_DIR)) \
 		$(if $(BATCHES),--batches $(BATCHES)) $(ARGS)
 
 score: install
-	$(PY) -m malaria.submit $(FILE) \
+	$(PY) -m malaria.scoring $(FILE) \
 		--answers $(or $(ANSWERS),$(or $(DATA_DIR),data)/test_labels.csv)
 
 data: install
-	$(PY) -m malaria.leaderboard download $(if $(COMPETITION),--competition $(COMPETITION)) --data-dir $(or $(DATA_DIR),data)
+	$(PY) -m malaria.leaderboard download $(if $(COMPETITION),--competition $(COMPETITION)) --data.data_dir $(or $(DATA_DIR),data)
 
 submit: install
 	$(PY) -m malaria.leaderboard submit $(if $(FILE),--file $(FILE)) $(if $(MESSAGE),--message "$(MESSAGE)") \
-		$(if $(DRY_RUN),--dry-run) $(if $(COMPETITION),--competition $(COMPETITION)) --data-dir $(or $(DATA_DIR),data)
+		$(if $(DRY_RUN),--dry_run) $(if $(COMPETITION),--competition $(COMPETITION)) --data.data_dir $(or $(DATA_DIR),data)
 
 test: install
 	$(PY) -m pytest

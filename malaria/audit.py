@@ -114,7 +114,7 @@ def audit(cv_run: Path, data_dir: Path | None = None, shown: int = 48) -> Path:
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="the CV, runs/<cv name> (as `make cv` printed)")
-    parser.add_argument("--data-dir", type=Path, default=None, help="competition folder (default: the CV's own)")
+    parser.add_argument("--data.data_dir", dest="data_dir", type=Path, default=None, help="competition folder (default: the CV's own)")
     parser.add_argument("--shown", type=int, default=48, help="cells in the gallery")
     args = parser.parse_args(argv)
     out = audit(args.run, args.data_dir, args.shown)

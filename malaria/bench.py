@@ -1,7 +1,7 @@
 """Throughput of the data pipeline and the model: `make bench`, or
 
-    python -m malaria.bench [--data-dir ../shared/realdata/dev] [--config configs/default.yaml]
-                            [--batches 8] [--data-batches 40] [--warmup 2] [--compile]
+    python -m malaria.bench [--data.data_dir ../shared/realdata/dev] [--config configs/default.yaml]
+                            [--batches 8] [--data_batches 40] [--warmup 2] [--compile]
                             [--model.channels_last false ...]
 
 For a recipe's model, image size, batch size and augmentation it measures images per second of:
@@ -41,18 +41,17 @@ import albumentations as A
 import lightning as L
 import numpy as np
 import torch
-import yaml
-from jsonargparse import ActionConfigFile, ArgumentParser
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader
 
 from malaria import cache, errors
+from malaria.cli import build
 from malaria.archive import ImageTable
-from malaria.checkpointing import ResumableSampler
+from malaria.sampling import ResumableSampler
 from malaria.datamodule import CellDataset, MalariaDataModule, default_workers, whole_batch
+from malaria.inference import default_precision
 from malaria.module import MalariaClassifier
-from malaria.train import default_precision
 from malaria.transforms import train_transform
 
 STAGES = ("decode", "data", "train", "predict")
@@ -124,17 +123,12 @@ def synchronize(device: torch.device) -> None:
 
 
 def load_recipe(config: Path, overrides: Sequence[str]) -> tuple[MalariaClassifier, MalariaDataModule]:
-    """The model and datamodule of a training recipe (its `model:` and `data:` sections), with overrides."""
-    recipe = yaml.safe_load(config.read_text()) or {}
-    parser = ArgumentParser(prog="python -m malaria.bench", description="recipe overrides")
-    parser.add_argument("--recipe", action=ActionConfigFile)
-    parser.add_class_arguments(MalariaClassifier, "model", fail_untyped=False, sub_configs=True)
-    parser.add_class_arguments(MalariaDataModule, "data", fail_untyped=False, sub_configs=True)
-    parser.link_arguments("data.augment", "model.augment")  # as MalariaCLI does
-    sections = {key: recipe.get(key) or {} for key in ("model", "data")}
-    parsed = parser.parse_args(["--recipe", yaml.safe_dump(sections), *overrides])
-    built = parser.instantiate_classes(parsed)
-    return built.model, built.data
+    """The model and datamodule of a training recipe with overrides, built by the training CLI
+    itself, so every setting (`image_size: null`, the augment link) resolves as in training."""
+    with tempfile.TemporaryDirectory(prefix="malaria-bench-") as runs_dir:
+        cli = build(["--config", str(config), "--runs_dir", runs_dir, "--run", "bench", "--wandb.mode", "disabled",
+                     *overrides], run=False)
+    return cli.model, cli.datamodule
 
 
 def naive_setup(model: MalariaClassifier, datamodule: MalariaDataModule) -> tuple[MalariaClassifier, A.Compose]:
@@ -283,9 +277,8 @@ def table(setup: dict[str, Any], results: Sequence[Result], ratio: dict[str, flo
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=Path("configs/default.yaml"), help="training recipe")
-    parser.add_argument("--data-dir", default=None, help="competition folder (default: the recipe's, or demo data)")
     parser.add_argument("--batches", type=int, default=8, help="timed batches per stage and pipeline")
-    parser.add_argument("--data-batches", type=int, default=40,
+    parser.add_argument("--data_batches", type=int, default=40,
                         help="timed batches of the data stage, which is cheap enough to time longer")
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches before each timing")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network (warm-up compiles)")
@@ -295,9 +288,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args, overrides = _parser().parse_known_args(argv)
     if min(args.batches, args.data_batches, args.warmup) < 1:
-        raise SystemExit("--batches, --data-batches and --warmup must be at least 1")
-    if args.data_dir:
-        overrides = [*overrides, "--data.data_dir", args.data_dir]
+        raise SystemExit("--batches, --data_batches and --warmup must be at least 1")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     out = sys.stdout
     records: list[dict[str, Any]] = []

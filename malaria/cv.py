@@ -14,28 +14,22 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import torch
 from rich.console import Console
 from rich.table import Table
-from torchmetrics.functional.classification import binary_accuracy, binary_auroc, binary_f1_score
 
-from malaria import errors, runs, splits, train
+from malaria import errors, runs, splits
 from malaria.atomic import replace_file
-from malaria.predict import load, predict_split
-
-
-def fold_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    p, y = torch.as_tensor(probs), torch.as_tensor(labels)
-    return {"acc": binary_accuracy(p, y).item(), "f1": binary_f1_score(p, y).item(), "auroc": binary_auroc(p, y).item()}
+from malaria.cli import build
+from malaria.inference import load, predict_split
+from malaria.metrics import score
 
 
 def run_fold(config: str, k: int, fold: int, name: str, runs_dir: Path, overrides: Sequence[str]) -> Path:
     """Train one fold as its own run; an already finished fold is reused, so a CV resumes."""
     run_dir = runs_dir / f"{name}-fold{fold}"
     if not (run_dir / "summary.json").exists():
-        train.main(["fit", "--config", config, "--data.split", "slide",
+        build(["fit", "--config", config, "--data.split", "slide",
                     "--data.val_fraction", str(1 / k), "--data.fold", str(fold),
                     "--run", run_dir.name, "--runs_dir", str(runs_dir), *overrides])
     return run_dir
@@ -58,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--config", default="configs/default.yaml")
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--name", default=None, help="runs are <name>-fold<i> (default: <recipe>-cv<k>-<time>)")
-    parser.add_argument("--runs-dir", type=Path, default=runs.RUNS_DIR)
+    parser.add_argument("--runs_dir", type=Path, default=runs.RUNS_DIR)
     # Anything else is a training override, e.g. --data.data_dir data --trainer.max_epochs 5.
     args, overrides = parser.parse_known_args(argv)
     name = args.name or runs.new_run_name(args.config, tag=f"cv{args.k}")
@@ -68,9 +62,9 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         run_dir = run_fold(args.config, args.k, fold, name, args.runs_dir, overrides)
         fold_dirs.append(str(run_dir))
         model, datamodule = load(runs.checkpoint(run_dir))
-        ids, probs, labels = predict_split(model, datamodule, split="val")
-        rows.append({"fold": fold, "images": len(ids), **fold_metrics(probs, labels)})
-        oof.append(pd.DataFrame({"img_name": ids, "label": labels, "prob": probs, "fold": fold}))
+        val = predict_split(model, datamodule, split="val")
+        rows.append({"fold": fold, "images": len(val.ids), **score(val.probs, val.labels)})
+        oof.append(pd.DataFrame({"img_name": val.ids, "label": val.labels, "prob": val.probs, "fold": fold}))
 
     per_fold = pd.DataFrame(rows)
     replace_file(args.runs_dir / f"{name}-oof.csv", lambda f: pd.concat(oof).to_csv(f, index=False))

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from malaria import archive, cache, splits
-from malaria.checkpointing import ResumableLoader, ResumableSampler
+from malaria.sampling import ResumableLoader, ResumableSampler
 from malaria.transforms import Augment, train_transform
 
 log = logging.getLogger(__name__)

@@ -230,7 +230,7 @@ def _marker_text(params: dict[str, int]) -> str:
     lines = [
         MARKER_HEADING,
         "These are drawn cells, not NIH images: scores on them say nothing about real accuracy.",
-        "Regenerate with: python -m malaria.demo --out <folder> [--n-train N --n-test N --seed S]",
+        "Regenerate with: python -m malaria.demo --out <folder> [--n_train N --n_test N --seed S]",
         "",
         *(f"{key}={value}" for key, value in params.items()),
     ]
@@ -354,8 +354,8 @@ def _describe(out_dir: Path) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder to write: new, empty or an old demo")
-    parser.add_argument("--n-train", type=int, default=800)
-    parser.add_argument("--n-test", type=int, default=200)
+    parser.add_argument("--n_train", type=int, default=800)
+    parser.add_argument("--n_test", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     reused = _is_complete(args.out, _params(args.n_train, args.n_test, args.seed))

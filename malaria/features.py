@@ -24,13 +24,14 @@ import lightning as L
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from malaria import errors
 from malaria.atomic import replace_file
-from malaria.datamodule import CellDataset, MalariaDataModule, whole_batch
+from malaria.cli import MalariaCLI
+from malaria.datamodule import CellDataset, MalariaDataModule
+from malaria.inference import predict_dataset
 from malaria.module import Batch, MalariaClassifier
-from malaria.train import MalariaCLI
 
 STANDARDISATION = "feature_standardisation"  # checkpoint entry: the classifier as it trains
 
@@ -124,24 +125,18 @@ class _Extractor(L.LightningModule):
         super().__init__()
         self.head = head
 
-    def predict_step(self, batch: Batch, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
         images, _, rows = batch
-        return rows, self.head.pooled_features(images).float()
+        return {"rows": rows, "features": self.head.pooled_features(images).float()}
 
 
-def extract(head: FeatureHead, dataset: Dataset, batch_size: int, num_workers: int,
+def extract(head: FeatureHead, dataset: CellDataset, batch_size: int, num_workers: int,
             accelerator: str = "auto", precision: str | None = None) -> np.ndarray:
-    """Pooled features of every image of `dataset`, in row order, through Lightning's predict loop
+    """Pooled features of every image of `dataset`, in row order, through the prediction core
     (so a GPU and mixed precision are used where the trainer would use them)."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=whole_batch)
     trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False,
                         enable_checkpointing=False, enable_model_summary=False)
-    outputs = trainer.predict(_Extractor(head), loader)
-    rows = torch.cat([r for r, _ in outputs]).numpy()
-    features = torch.cat([f for _, f in outputs]).cpu().numpy()
-    out = np.empty((len(dataset), features.shape[1]), dtype=np.float32)
-    out[rows] = features
-    return out
+    return predict_dataset(_Extractor(head), dataset, batch_size, num_workers, trainer, key="features")
 
 
 def features_path(head: FeatureHead, images: MalariaDataModule) -> Path:
@@ -199,6 +194,8 @@ class FeatureDataModule(L.LightningDataModule):
 
 class FeaturesCLI(MalariaCLI):
     """MalariaCLI whose `fit` trains the classifier on cached features instead of images."""
+
+    ENTRY_POINT = "features"
 
     def before_fit(self) -> None:
         super().before_fit()

@@ -21,8 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from malaria import errors, runs
-from malaria.cv import fold_metrics
-from malaria.predict import load, predict_split, slide_prior
+from malaria.inference import load, predict_split, slide_prior
+from malaria.metrics import score
 from malaria.priors import DEFAULT_STRENGTH
 
 ENSEMBLE = "ensemble (mean probability)"
@@ -41,8 +41,8 @@ def holdout_probabilities(run_dir: Path, prior: float = DEFAULT_STRENGTH,
         raise errors.ConfigError(f"{run_dir} trained on every image (data.val_fraction 0): it has no holdout to score.")
     probs = {}
     for tta in (False, True):
-        model.hparams.tta = tta
-        ids, probs[tta, False], labels = predict_split(model, datamodule, split="val")
+        val = predict_split(model, datamodule, split="val", tta=tta)
+        ids, labels, probs[tta, False] = val.ids, val.labels, val.probs
     prior_of_slides = slide_prior(datamodule, "val", prior)
     for tta in (False, True):
         probs[tta, True] = prior_of_slides.adjust(ids, probs[tta, False])
@@ -69,7 +69,7 @@ def score_runs(run_dirs: Sequence[Path], prior: float = DEFAULT_STRENGTH) -> pd.
         if len(members) > 1:
             scored.append((ENSEMBLE, np.mean([probs for _, probs in scored], axis=0)))
         rows += [{"member": name, "tta": tta, "prior": with_prior, "images": len(labels),
-                  **fold_metrics(probs, labels)} for name, probs in scored]
+                  **score(probs, labels)} for name, probs in scored]
     return pd.DataFrame(rows)
 
 
@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", nargs="*", type=Path, default=None,
                         help="run directories (default: the latest run in runs/)")
-    parser.add_argument("--slide-prior", type=float, default=DEFAULT_STRENGTH, metavar="STRENGTH",
+    parser.add_argument("--slide_prior", type=float, default=DEFAULT_STRENGTH, metavar="STRENGTH",
                         help=f"pseudo-cells of the slide prior's shrinkage (default {DEFAULT_STRENGTH})")
     args = parser.parse_args(argv)
     run_dirs = args.run or [runs.latest_run()]

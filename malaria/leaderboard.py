@@ -4,8 +4,8 @@ Uses the official `kaggle` client. Every attempt to submit, dry runs included, i
 `submissions/history.csv` with the file's sha256, so a leaderboard score can always be traced
 back to the exact CSV, run and config that produced it.
 
-    python -m malaria.leaderboard download [--competition X] [--data-dir data]
-    python -m malaria.leaderboard submit [--file F] [--message M] [--dry-run] [--competition X]
+    python -m malaria.leaderboard download [--competition X] [--data.data_dir data]
+    python -m malaria.leaderboard submit [--file F] [--message M] [--dry_run] [--competition X]
 """
 
 from __future__ import annotations
@@ -295,11 +295,11 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in (("download", "fetch the competition files"), ("submit", "upload a submission")):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--competition", help=f"Kaggle slug (default: from {CONFIG.name})")
-        command.add_argument("--data-dir", type=Path, default=Path("data"))
+        command.add_argument("--data.data_dir", dest="data_dir", type=Path, default=Path("data"))
     submit_cmd = commands.choices["submit"]
     submit_cmd.add_argument("--file", type=Path, help="submission CSV (default: newest in submissions/)")
     submit_cmd.add_argument("--message", help="submission description (default: run, config, val_acc)")
-    submit_cmd.add_argument("--dry-run", action="store_true", help="do everything except the upload")
+    submit_cmd.add_argument("--dry_run", action="store_true", help="do everything except the upload")
     submit_cmd.add_argument("--history", type=Path, default=HISTORY)
     return parser
 

@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 from lightning.pytorch.tuner import Tuner
 
 from malaria import errors
-from malaria.train import main as build_cli
+from malaria.cli import build as build_cli
 
 
 def main(argv: Sequence[str] | None = None) -> float | None:

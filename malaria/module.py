@@ -1,4 +1,4 @@
-"""The LightningModule: a timm-interface network, one shared step, binary metrics."""
+"""The LightningModule: a timm-interface network, one shared step, binary metrics (malaria.metrics)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch
 from timm.data import Mixup
 from timm.optim import create_optimizer_v2
 from torch import nn
-from torchmetrics import MaxMetric, MetricCollection
-from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score
+from torchmetrics import MaxMetric
 
 from malaria.datamodule import Batch
+from malaria.metrics import binary_metrics
 from malaria.models import create_model
 from malaria.transforms import Augment, BatchAugment, dihedral_views, random_dihedral
 
@@ -73,10 +73,8 @@ class MalariaClassifier(L.LightningModule):
         # One logit per image: timm's multi-label form mixes the 0/1 labels themselves.
         self.mixup = Mixup(**mixup, label_smoothing=0.0, num_classes=1, multi_label=True) if mixup else None
         self.criterion = nn.BCEWithLogitsLoss()
-        metrics = MetricCollection({"acc": BinaryAccuracy(), "f1": BinaryF1Score(), "auroc": BinaryAUROC()})
-        self.train_metrics = metrics.clone(prefix="train/")
-        self.val_metrics = metrics.clone(prefix="val/")
-        self.test_metrics = metrics.clone(prefix="test/")
+        self.train_metrics = binary_metrics().clone(prefix="train/")
+        self.val_metrics = binary_metrics().clone(prefix="val/")
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # a resumed run remembers its best epoch
         if channels_last:
@@ -138,12 +136,6 @@ class MalariaClassifier(L.LightningModule):
             return
         self.val_acc_best(self.val_metrics["acc"].compute())
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
-
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
-        loss, probs, labels = self.model_step(batch)
-        self.test_metrics.update(probs, labels)
-        self.log("test/loss", loss, on_epoch=True, sync_dist=True)
-        self.log_dict(self.test_metrics, on_epoch=True)
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
         """Probability of parasitized per image, averaged over the 8 dihedral views with `tta`."""

@@ -8,24 +8,20 @@ config, tta); `malaria.leaderboard` turns it into the Kaggle submission message.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.stats import binomtest
 
 from malaria import errors
 from malaria.archive import SAMPLE_SUBMISSION
 from malaria.atomic import stage_file
-from malaria.slide_errors import describe_errors
 
 HEADER = ("img_name", "label")
 HISTORY_NAME = "history.csv"  # the Kaggle upload log that malaria.leaderboard keeps in submissions/
@@ -56,7 +52,7 @@ def sidecar_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def _listing(ids: Sequence[str]) -> str:
+def listing(ids: Sequence[str]) -> str:
     more = f" (and {len(ids) - SHOWN} more)" if len(ids) > SHOWN else ""
     return ", ".join(repr(i) for i in ids[:SHOWN]) + more
 
@@ -81,7 +77,7 @@ def _check_arrays(ids: Sequence[str], labels: Sequence[int] | np.ndarray, path: 
         raise SubmissionError(f"{path}: id number {blank[0] + 1} is empty or not a string.")
     duplicated = names[names.duplicated()].unique().tolist()
     if duplicated:
-        raise SubmissionError(f"{path}: duplicate ids {_listing(duplicated)}.")
+        raise SubmissionError(f"{path}: duplicate ids {listing(duplicated)}.")
     return values.astype(np.int64)
 
 
@@ -169,10 +165,10 @@ def _check_expected(table: pd.DataFrame, expected_ids: Sequence[str], path: Path
     if missing or extra or len(got) != len(expected):
         parts = [f"{path}: {len(got)} rows but {len(expected)} expected ids"]
         if missing:
-            parts.append(f"missing {len(missing)} ids: {_listing(missing)}")
+            parts.append(f"missing {len(missing)} ids: {listing(missing)}")
         if extra:
             line = got.index(extra[0]) + 2
-            parts.append(f"{len(extra)} unexpected ids, first on line {line}: {_listing(extra)}")
+            parts.append(f"{len(extra)} unexpected ids, first on line {line}: {listing(extra)}")
         raise SubmissionError("; ".join(parts) + ".")
     for row, (want, have) in enumerate(zip(expected, got)):
         if want != have:
@@ -226,76 +222,3 @@ def read_sample_submission(data_dir: Path) -> list[str] | None:
     if not path.is_file():
         return None
     return validate_submission(path)[HEADER[0]].tolist()
-
-
-def correct(path: Path, answers: Path) -> pd.Series:
-    """Per image, whether the submission's label is the answer key's: booleans indexed by img_name.
-
-    Both files are validated; they must hold the same ids, in any order."""
-    table = validate_submission(path)
-    truth = validate_submission(answers).set_index(HEADER[0])[HEADER[1]]
-    missing = truth.index.difference(table[HEADER[0]])
-    extra = pd.Index(table[HEADER[0]]).difference(truth.index)
-    if len(missing) or len(extra):
-        raise SubmissionError(f"{path}: ids differ from {answers}: {len(missing)} missing "
-                              f"({_listing(list(missing))}), {len(extra)} unexpected ({_listing(list(extra))}).")
-    ids = table[HEADER[0]]
-    return pd.Series(table[HEADER[1]].to_numpy() == truth[ids].to_numpy(), index=ids.to_numpy())
-
-
-def score(path: Path, answers: Path) -> float:
-    """Accuracy of a submission against an answer key in the same format (the leaderboard's metric)."""
-    return float(correct(path, answers).mean())
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """Submission `b` against submission `a` on the same answer key."""
-
-    gain: float  # accuracy of b minus accuracy of a
-    b_only: int  # images b gets right and a gets wrong
-    a_only: int  # images a gets right and b gets wrong
-    p_value: float  # exact McNemar test: could the split of those images be a coin's?
-
-
-def compare(a: pd.Series, b: pd.Series) -> Comparison:
-    """Paired comparison of two submissions' `correct` series.
-
-    Only the images one gets right and the other wrong carry evidence, so the exact McNemar test
-    is a two-sided binomial test of those counts against an even split: on a test set of a few
-    thousand cells, differences of a few tenths of a point are usually within its noise."""
-    b = b[a.index]
-    b_only, a_only = int((b & ~a).sum()), int((a & ~b).sum())
-    p_value = binomtest(b_only, b_only + a_only).pvalue if b_only + a_only else 1.0
-    return Comparison(float(b.mean() - a.mean()), b_only, a_only, float(p_value))
-
-
-def main(argv: Sequence[str] | None = None) -> list[float] | None:
-    """`python -m malaria.submit [FILE ...] [--answers KEY]`: validate submissions, score them given a key.
-
-    Given several files and a key, each after the first is also compared with the first, image by image."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("files", type=Path, nargs="*",
-                        help="submission CSVs (default: the newest in submissions/)")
-    parser.add_argument("--answers", type=Path, default=None,
-                        help="answer key, e.g. ../shared/realdata/dev/test_labels.csv")
-    args = parser.parse_args(argv)
-    files = args.files or [newest_submission()]
-    if args.answers is None:
-        for file in files:
-            print(f"{file}: valid, {len(validate_submission(file))} rows")
-        return None
-    results = [correct(file, args.answers) for file in files]
-    for file, result in zip(files, results):
-        print(f"{file}: accuracy {result.mean():.4f} against {args.answers}")
-        print(describe_errors(result))
-    for file, result in zip(files[1:], results[1:]):
-        c = compare(results[0], result)
-        verdict = "a real difference" if c.p_value < 0.05 else "within the key's noise"
-        print(f"{file} vs {files[0]}: {100 * c.gain:+.2f} points; images right only in {file.name}: {c.b_only}, "
-              f"only in {files[0].name}: {c.a_only}; exact McNemar p = {c.p_value:.3f} ({verdict})")
-    return [float(result.mean()) for result in results]
-
-
-if __name__ == "__main__":
-    errors.run(main)

@@ -1,7 +1,7 @@
 """Training entry point: `python -m malaria.train fit --config configs/default.yaml`.
 
-LightningCLI builds the model, data and trainer from the YAML recipe; this subclass adds the
-run directory (`runs/<name>/`), the loggers, and a summary written at the end of training.
+`malaria.cli.MalariaCLI` builds the model, data and trainer from the YAML recipe, in its own run
+directory (`runs/<name>/`) with the checkpoints, loggers, report and summary every run gets.
 Resume an interrupted run with
 `--config runs/<name>/config.yaml --ckpt_path runs/<name>/checkpoints/last.ckpt` (`make train RESUME=runs/<name>`).
 
@@ -11,154 +11,13 @@ trains, for the recipe's epochs, and the final weights are the run's `best.ckpt`
 
 from __future__ import annotations
 
-import logging
-import os
-import time
-import warnings
-from pathlib import Path
-
-import lightning as L
-import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, ProgressBar, RichProgressBar
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.trainer import Trainer
-from lightning.pytorch.utilities import rank_zero_only
-
-from malaria import errors, runs
-from malaria.datamodule import MalariaDataModule
-from malaria.models import default_image_size
-from malaria.module import MalariaClassifier
-from malaria.tracking import MODES, WandbSaveConfig, finish_wandb, make_loggers
-
-# Expected here, not worth a line in every run's output: the module's uint8 -> float batch hook is
-# meant to win over the data module's, and Lightning's own pytree call trips a torch deprecation.
-warnings.filterwarnings("ignore", message="You have overridden `on_after_batch_transfer`")
-warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-# Lightning advertises its cloud logger on every Trainer, the project's own included.
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-    lambda record: not str(record.msg).startswith("💡 Tip"))
-
-# DDP starts the other ranks by running the same command again; they read the run name here.
-RUN_ENV = "MALARIA_RUN"
-
-
-def default_precision() -> str:
-    """Mixed precision on a GPU (bf16 where the GPU has it), full precision on a CPU."""
-    if not torch.cuda.is_available():
-        return "32-true"
-    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-
-
-class RecordEnvironment(L.Callback):
-    """Writes environment.json (package versions, git commit, machine) into the run directory.
-
-    At fit start, i.e. once the data has passed its checks: a run that fails on bad input,
-    resumed or not, leaves its directory as it was."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-
-    @rank_zero_only
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        runs.write_json(self.run_dir / "environment.json", runs.environment())
-
-
-def full_fit_callbacks(callbacks: list[Callback]) -> list[Callback]:
-    """With no holdout there is nothing to monitor: no early stopping, and a monitored checkpoint
-    becomes one of the latest epoch under the same name."""
-    kept = []
-    for callback in callbacks:
-        if isinstance(callback, EarlyStopping):
-            continue
-        if isinstance(callback, ModelCheckpoint) and callback.monitor is not None:
-            callback = ModelCheckpoint(dirpath=callback.dirpath, filename=callback.filename,
-                                       enable_version_counter=False)
-        kept.append(callback)
-    return kept
-
-
-class MalariaCLI(LightningCLI):
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--run", type=str | None, default=None,
-                            help="Run name; runs/<run>/ holds everything (default: <recipe>-<time>).")
-        parser.add_argument("--runs_dir", type=str, default=str(runs.RUNS_DIR))
-        parser.add_argument("--wandb.mode", type=str, default="auto", help=f"One of {MODES}.")
-        parser.add_argument("--wandb.project", type=str, default="malaria")
-        # One augmentation config: the datamodule runs its per-image part, the model its batch part.
-        parser.link_arguments("data.augment", "model.augment")
-
-    @property
-    def run_config(self):
-        """This subcommand's settings (the whole config when built with run=False)."""
-        return self.config[self.subcommand] if self.subcommand else self.config
-
-    def before_instantiate_classes(self) -> None:
-        config = self.run_config
-        if not config.run:
-            config_files = config.get("config") or []
-            is_ddp_child = os.environ.get("LOCAL_RANK", "0") != "0" and RUN_ENV in os.environ
-            config.run = os.environ[RUN_ENV] if is_ddp_child else runs.new_run_name(
-                str(config_files[0]) if config_files else None)
-        os.environ[RUN_ENV] = config.run
-        if config.data.image_size is None:  # the backbone's pretrained input size
-            config.data.image_size = default_image_size(config.model.model)
-        run_dir = Path(config.runs_dir) / config.run
-        resuming = self.subcommand == "fit" and config.get("ckpt_path")
-        if self.subcommand == "fit" and not resuming and (run_dir / "checkpoints").exists():
-            raise SystemExit(f"{run_dir} already holds checkpoints. Resume it with `make train RESUME={run_dir}` "
-                             "or pick another run name.")
-        config.trainer.default_root_dir = str(run_dir)
-        config.trainer.precision = config.trainer.precision or default_precision()
-        self.full_fit = config.data.val_fraction == 0
-        if self.full_fit:
-            config.trainer.limit_val_batches = 0
-        self.run_dir = run_dir
-
-    def instantiate_trainer(self, **kwargs) -> Trainer:
-        config = self.run_config
-        loggers = make_loggers(self.run_dir, config.run, config.wandb.mode, config.wandb.project)
-        trainer = self._get(self.config_init, "trainer", default={})
-        callbacks = [*(trainer.get("callbacks") or []), RecordEnvironment(self.run_dir)]
-        if self.full_fit:
-            callbacks = full_fit_callbacks(callbacks)
-        # Rich progress unless it is switched off: a recipe naming RichProgressBar could not be run
-        # with --trainer.enable_progress_bar false (Lightning refuses the combination).
-        if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            callbacks.append(RichProgressBar())
-        return super().instantiate_trainer(logger=loggers, callbacks=callbacks, **kwargs)
-
-    def before_fit(self) -> None:
-        self.fit_started = time.time()
-
-    def after_fit(self) -> None:
-        checkpoint = self.trainer.checkpoint_callback
-        score = checkpoint.best_model_score if checkpoint else None
-        summary = {
-            "run": self.run_config.run,
-            "config": str(self.run_dir / "config.yaml"),
-            "best_checkpoint": checkpoint.best_model_path if checkpoint else None,
-            "best_val_acc": float(score) if score is not None else None,
-            "epochs": self.trainer.current_epoch,
-            "fit_seconds": round(time.time() - self.fit_started, 1),
-        }
-        if self.trainer.is_global_zero:
-            runs.write_json(self.run_dir / "summary.json", summary)
-            scored = "full fit, no holdout" if self.full_fit else f"best val/acc {summary['best_val_acc']}"
-            print(f"Run {summary['run']}: {scored} -> {summary['best_checkpoint']}")
-        finish_wandb(self.trainer.loggers)
+from malaria import errors
+from malaria.cli import MalariaCLI, build
 
 
 def main(args: list[str] | None = None, run: bool = True) -> MalariaCLI:
     """Train from a recipe; with `run=False`, only build the model, data and trainer from it."""
-    return MalariaCLI(
-        MalariaClassifier,
-        MalariaDataModule,
-        save_config_callback=WandbSaveConfig,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+    return build(args, run)
 
 
 if __name__ == "__main__":

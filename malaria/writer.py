@@ -22,9 +22,8 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from malaria.metrics import THRESHOLD
 from malaria.submit import write_submission
-
-THRESHOLD = 0.5
 
 
 def gather(obj: Any, world_size: int) -> list[Any]:
@@ -56,10 +55,13 @@ class PredictionWriter(BasePredictionWriter):
     """Gathers the predictions of all ranks into `probs`, one per row of the predicted dataset.
 
     Every rank ends with the same complete `rows` and `probs`; with `out`, global rank 0 writes them
-    as a submission (`img_name,label`, label 1 when the probability is at least `threshold`)."""
+    as a submission (`img_name,label`, label 1 when the probability is at least `threshold`).
+    `key` names the entry of each `predict_step` output gathered beside "rows": "probs", or the
+    pooled features of malaria.features."""
 
-    def __init__(self, out: str | None = None, threshold: float = THRESHOLD) -> None:
+    def __init__(self, out: str | None = None, threshold: float = THRESHOLD, key: str = "probs") -> None:
         super().__init__(write_interval="epoch")
+        self.key = key
         self.out = Path(out) if out else None
         self.threshold = threshold
         self.rows: np.ndarray | None = None
@@ -74,7 +76,7 @@ class PredictionWriter(BasePredictionWriter):
                            batch_indices: Sequence[Any]) -> None:
         outputs = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
         local = (torch.cat([o["rows"] for o in outputs]).cpu().numpy() if outputs else np.empty(0, np.int64),
-                 torch.cat([o["probs"] for o in outputs]).float().cpu().numpy() if outputs else np.empty(0))
+                 torch.cat([o[self.key] for o in outputs]).float().cpu().numpy() if outputs else np.empty(0))
         loaders = trainer.predict_dataloaders
         dataset = (loaders[0] if isinstance(loaders, (list, tuple)) else loaders).dataset
         self.rows = np.asarray(dataset.rows)

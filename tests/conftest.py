@@ -22,6 +22,19 @@ from malaria.demo import make_demo_competition
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "dev"
 
+# configs/default.yaml shrunk to seconds on the demo data, for every test that trains (`from conftest import
+# TINY`); a test appends what it varies, and later flags win.
+TINY = [
+    "--config", "configs/default.yaml",
+    "--trainer.max_epochs", "1",
+    "--trainer.enable_model_summary", "false",
+    "--data.image_size", "32",
+    "--data.batch_size", "16",
+    "--data.num_workers", "0",
+    "--model.model_kwargs", '{"widths": [8, 16, 32]}',
+    "--wandb.mode", "disabled",
+]
+
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

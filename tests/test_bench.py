@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from malaria import bench
+from malaria.models import default_image_size
 
-TINY = ["--batches", "1", "--data-batches", "1", "--warmup", "1", "--data.image_size", "32", "--data.batch_size", "8",
+TINY = ["--batches", "1", "--data_batches", "1", "--warmup", "1", "--data.image_size", "32", "--data.batch_size", "8",
         "--data.num_workers", "0", "--model.model_kwargs", '{"widths": [8, 16]}', "--model.tta", "false"]
 
 
 def test_bench_prints_one_json_object_per_line(demo_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    records = bench.main(["--data-dir", str(demo_dir), *TINY])
+    records = bench.main(["--data.data_dir", str(demo_dir), *TINY])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert lines == records
     setup = lines[0]
@@ -54,3 +55,9 @@ def test_the_naive_model_moves_device_augmentation_to_the_cpu() -> None:
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(SystemExit, match="at least 1"):
         bench.main(["--batches", "0"])
+
+
+def test_a_recipe_resolves_as_in_training() -> None:
+    overrides = ["--data.image_size", "null", "--model.model", "test_resnet", "--model.model_kwargs", "{}"]
+    model, datamodule = bench.load_recipe(Path("configs/default.yaml"), overrides)
+    assert datamodule.hparams.image_size == default_image_size("test_resnet") == 160  # the backbone's own size

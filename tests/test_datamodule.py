@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
-from malaria.checkpointing import ResumableLoader, ResumableSampler
+from malaria.sampling import ResumableLoader, ResumableSampler
 from malaria.datamodule import CellDataset, MalariaDataModule, whole_batch
 from malaria.transforms import Augment, train_transform
 

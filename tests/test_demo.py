@@ -201,9 +201,9 @@ def test_rejects_too_few_images(tmp_path: Path) -> None:
 
 
 def test_cli_writes_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    main(["--out", str(tmp_path / "demo"), "--n-train", "12", "--n-test", "6", "--seed", "2"])
+    main(["--out", str(tmp_path / "demo"), "--n_train", "12", "--n_test", "6", "--seed", "2"])
     printed = capsys.readouterr().out
     assert "SYNTHETIC" in printed
     assert "train_data.zip: 12 PNGs" in printed and "test_labels.csv: 6 rows, 3 labelled 1" in printed
-    main(["--out", str(tmp_path / "demo"), "--n-train", "12", "--n-test", "6", "--seed", "2"])
+    main(["--out", str(tmp_path / "demo"), "--n_train", "12", "--n_test", "6", "--seed", "2"])
     assert "kept the existing" in capsys.readouterr().out

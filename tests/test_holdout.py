@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 
 from malaria import holdout, train
-from malaria.cv import fold_metrics
+from malaria.metrics import score
 
-TINY = ["--config", "configs/default.yaml", "--trainer.max_epochs", "1", "--trainer.enable_model_summary", "false",
-        "--data.batch_size", "32", "--data.num_workers", "0", "--model.model_kwargs", '{"widths": [8, 16]}']
+from conftest import TINY
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +33,7 @@ def test_ensemble_is_scored_on_the_mean_probability_of_its_members(runs_dir: Pat
     for view in holdout.VIEWS:
         for member, probs in (("a", pa[view]), (holdout.ENSEMBLE, (pa[view] + pb[view]) / 2)):
             row = scores[(scores["member"] == member) & (scores["tta"] == view[0]) & (scores["prior"] == view[1])]
-            for metric, value in fold_metrics(probs, labels).items():
+            for metric, value in score(probs, labels).items():
                 assert row.iloc[0][metric] == pytest.approx(value)
     assert scores["images"].nunique() == 1 and scores["images"].iloc[0] == len(labels)
     # TTA and the prior are different predictions, not relabelled copies

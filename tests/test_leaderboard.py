@@ -267,11 +267,11 @@ def test_cli_dry_run_and_error_exit(
     data_dir: Path, history: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     file = _submission(history)
-    common = ["--competition", COMPETITION, "--data-dir", str(data_dir), "--history", str(history)]
-    assert main(["submit", "--dry-run", "--file", str(file), *common]) == 0
+    common = ["--competition", COMPETITION, "--data.data_dir", str(data_dir), "--history", str(history)]
+    assert main(["submit", "--dry_run", "--file", str(file), *common]) == 0
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and out.startswith(f"dry-run: {file} -> {COMPETITION}")
-    assert main(["submit", "--dry-run", "--file", str(history.parent / "missing.csv"), *common]) == 1
+    assert main(["submit", "--dry_run", "--file", str(history.parent / "missing.csv"), *common]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "file not found" in err and "Traceback" not in err
     assert len(_history_rows(history)) == 1
@@ -291,10 +291,10 @@ def test_cli_download_and_submit_through_the_client(
     api = FakeKaggleApi()
     monkeypatch.setattr(leaderboard, "connect", lambda: api)
     data = tmp_path / "data"
-    assert main(["download", "--competition", COMPETITION, "--data-dir", str(data)]) == 0
+    assert main(["download", "--competition", COMPETITION, "--data.data_dir", str(data)]) == 0
     assert capsys.readouterr().out == f"{COMPETITION}: unpacked 4 files into {data}/\n"
     file = _submission(history)
-    common = ["--competition", COMPETITION, "--data-dir", str(data), "--history", str(history)]
+    common = ["--competition", COMPETITION, "--data.data_dir", str(data), "--history", str(history)]
     assert main(["submit", "--file", str(file), "--message", "cli", *common]) == 0
     assert capsys.readouterr().out.startswith(f"submitted: {file} -> {COMPETITION} ('cli')")
     assert api.submissions == [(str(file), "cli", COMPETITION)]

@@ -36,7 +36,10 @@ def test_shared_step_and_tta_prediction() -> None:
     loss, probs, labels = model.model_step(batch)
     assert loss.ndim == 0 and torch.isfinite(loss)
     out = model.predict_step(batch, 0)
-    assert out["probs"].shape == (4,) and ((out["probs"] >= 0) & (out["probs"] <= 1)).all()
+    with torch.no_grad():
+        views = torch.stack([torch.sigmoid(model(v)) for v in dihedral_views(batch[0])])
+    assert torch.allclose(out["probs"], views.mean(0), atol=1e-6)  # the mean of the 8 views, not one
+    assert not torch.allclose(out["probs"], views[0], atol=1e-6)
     assert torch.equal(out["rows"], torch.arange(4))
 
 

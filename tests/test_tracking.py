@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from malaria import runs, tracking, train
 from malaria.datamodule import MalariaDataModule
 from malaria.module import MalariaClassifier
-from malaria.report import RunReport
+from malaria.reporting import RunReport
 
 TINY = [
     "--config", "configs/default.yaml",
@@ -169,7 +169,7 @@ def test_offline_run_holds_config_metrics_report_and_resumes_the_same_run(
                 "report/confusion_matrix_chart_table"}
     media_keys = {key.removesuffix("/_type") for key in logged["history"] if key.endswith("/_type")}
     assert expected | figures <= logged["history"] | media_keys
-    assert {"best/val_accuracy", "best/val_auroc", "best/val_mistakes"} <= logged["summary"]
+    assert {"best/val_acc", "best/val_auroc", "best/val_mistakes"} <= logged["summary"]
     media = first / "files" / "media"
     assert {p.name.split("_")[0] for p in media.glob("images/report/*.png")} >= {"gradcam", "mistakes", "roc"}
     (table,) = media.glob("table/report/val_samples_*.table.json")
