@@ -6,7 +6,9 @@ import logging
 import os
 import random
 import stat
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import albumentations as A
 import lightning as L
@@ -144,20 +146,26 @@ class MalariaDataModule(L.LightningDataModule):
         return Path(".cache") / source.resolve().name
 
     def prepare_data(self) -> None:
-        """Make demo data if needed and build the decode caches; runs on one process only."""
+        """Lightning's hook, on one process only: the caches a fit needs (the test one too where
+        its zip is, so a bad test file fails before training), or the test one alone to predict."""
+        if self.trainer is not None and self.trainer.state.fn == TrainerFn.PREDICTING:
+            self.prepare(("test",))
+        else:
+            self.prepare(("train", "test") if (self.source_dir / archive.TEST_ZIP).exists() else ("train",))
+
+    def prepare(self, needed: Sequence[Literal["train", "test"]]) -> None:
+        """Make demo data if needed, check the tables of `needed`, then build their decode caches.
+
+        Every table is checked before any cache is written: a bad file leaves the folder as it was.
+        Prediction needs the test images alone; the slide prior reads training labels, not images."""
         if self.source_dir != self.data_dir:
             self._make_demo()
         elif not archive.has_competition(self.data_dir):
             raise archive.DataError(
                 f"{self.data_dir} holds no train_data.zip + train_labels.csv; run `make data` or set data.demo: true."
             )
-        source = self.source_dir
-        # Every table is checked before any cache is written: a bad file leaves the folder as it was.
-        # Prediction needs the test images alone (the slide prior reads the training labels, not images).
-        predicting = self.trainer is not None and self.trainer.state.fn == TrainerFn.PREDICTING
-        tables = {} if predicting else {"train": archive.load_train(source)}
-        if predicting or (source / archive.TEST_ZIP).exists():
-            tables["test"] = archive.load_test(source)
+        loaders = {"train": archive.load_train, "test": archive.load_test}
+        tables = {split: loaders[split](self.source_dir) for split in needed}
         for split, table in tables.items():
             cache.build(table, self.hparams.image_size, self.cache_dir, split)
 

@@ -58,7 +58,7 @@ def split_dataset(datamodule: MalariaDataModule, split: Subset) -> CellDataset:
     """The un-augmented images of the test set or of the validation split, prepared on first use."""
     if split not in ("val", "test"):
         raise errors.ConfigError(f"split must be 'val' or 'test', not {split!r}.")
-    datamodule.prepare_data()
+    datamodule.prepare(("test",) if split == "test" else ("train",))
     datamodule.setup("predict" if split == "test" else "validate")
     if split == "test":
         return CellDataset(datamodule.test_cache, np.arange(len(datamodule.test_table)), None)

@@ -80,7 +80,7 @@ def test_predicting_on_a_partial_competition_names_what_is_wrong(tmp_path: Path,
     (disagreeing / "sample_submission.csv").write_text("img_name,label\nnot-in-the-zip.png,0\n")
     folders = {"no_test_zip": no_test_zip, "disagreeing": disagreeing}
     before = {name: snapshot(folder) for name, folder in folders.items()}
-    results = run_commands([("malaria.predict", ["--run", str(tiny_run), "--data-dir", str(folder),
+    results = run_commands([("malaria.predict", ["--run", str(tiny_run), "--data.data_dir", str(folder),
                                                  "--out", str(tmp_path / f"{name}.csv")], tmp_path)
                             for name, folder in folders.items()], tmp_path / "logs")
     assert_one_paragraph(results[0], str(no_test_zip / "test_data.zip"), "not found")
