@@ -63,6 +63,7 @@ class ValPredictions:
     labels: np.ndarray
     probs: np.ndarray
     pixels: np.ndarray
+    split_summary: str = ""  # how many cells, slides and parasitized cells each side got
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -87,7 +88,8 @@ def predict_validation(model: MalariaClassifier, datamodule: MalariaDataModule) 
     """P(parasitized) for every validation cell, without TTA, as `val/acc` was measured in training."""
     val = predict_split(model, datamodule, "val", tta=False)
     return ValPredictions(ids=val.ids, rows=val.rows, labels=val.labels, probs=val.probs,
-                          pixels=np.load(datamodule.train_cache, mmap_mode="r"))
+                          pixels=np.load(datamodule.train_cache, mmap_mode="r"),
+                          split_summary=datamodule.split_summary)
 
 
 def validation_metrics(predictions: ValPredictions) -> dict[str, float]:
@@ -293,6 +295,7 @@ def _markdown(run_dir: Path, figures: dict[str, Path], metrics: dict[str, float]
         f"# Run report: `{run_dir.name}`", "",
         f"Validation split ({metrics['images']} cells, {metrics['parasitized']} parasitized), predicted by "
         f"{source} without test-time augmentation; threshold {THRESHOLD}.", "",
+        *([predictions.split_summary, ""] if predictions.split_summary else []),
         "## Validation metrics", "",
         "| metric | value |", "|---|---|",
         *[f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, float)],

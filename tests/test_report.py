@@ -54,6 +54,8 @@ def test_report_md_embeds_every_figure_the_config_and_the_metrics(reported: Path
     assert {"acc", "f1", "auroc", "average_precision"} <= set(metrics)
     mistakes, images = map(int, re.search(r"\| mistakes \| (\d+) of (\d+)", markdown).groups())
     assert metrics["acc"] == pytest.approx(1 - mistakes / images, abs=1e-4)
+    split = re.search(r"Holdout \((\w+) split\): training ([\d,]+) cells .*; validation ([\d,]+) cells", markdown)
+    assert split and int(split[3].replace(",", "")) == images  # the split line counts the cells it reports on
     by_slide = markdown.split("## Errors by slide", 1)[1]
     assert (f"{mistakes} errors on " in by_slide) if mistakes else ("no errors" in by_slide)
 
