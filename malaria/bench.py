@@ -288,7 +288,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args, overrides = _parser().parse_known_args(argv)
     if min(args.batches, args.data_batches, args.warmup) < 1:
-        raise SystemExit("--batches, --data_batches and --warmup must be at least 1")
+        raise errors.ConfigError("--batches, --data_batches and --warmup must be at least 1")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     out = sys.stdout
     records: list[dict[str, Any]] = []

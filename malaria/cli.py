@@ -166,8 +166,8 @@ class MalariaCLI(LightningCLI):
         run_dir = Path(config.runs_dir) / config.run
         resuming = self.subcommand == "fit" and config.get("ckpt_path")
         if self.subcommand == "fit" and not resuming and (run_dir / "checkpoints").exists():
-            raise SystemExit(f"{run_dir} already holds checkpoints. Resume it with `make train RESUME={run_dir}` "
-                             "or pick another run name.")
+            raise errors.ExistsError(f"{run_dir} already holds checkpoints. Resume it with "
+                                     f"`make train RESUME={run_dir}` or pick another run name.")
         config.trainer.default_root_dir = str(run_dir)
         config.trainer.precision = config.trainer.precision or default_precision()
         self.full_fit = config.data.val_fraction == 0

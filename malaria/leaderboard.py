@@ -18,7 +18,6 @@ import io
 import json
 import os
 import shutil
-import sys
 import zipfile
 from dataclasses import astuple, dataclass, fields
 from datetime import datetime, timezone
@@ -31,6 +30,7 @@ import yaml
 
 from malaria.archive import DEMO_SUBDIR, LABEL_CSVS, SAMPLE_SUBMISSION, TEST_ZIP, TRAIN_ZIP
 from malaria.atomic import replace_file, stage_file
+from malaria import errors
 from malaria.errors import UserError
 from malaria.submit import (
     HISTORY_NAME,
@@ -304,25 +304,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; known failures print one line to stderr and return 1."""
+def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    try:
-        competition = args.competition or default_competition()
-        if args.command == "download":
-            written = download(competition, args.data_dir)
-            what = f"unpacked {len(written)} files into" if written else "nothing to download; all files in"
-            print(f"{competition}: {what} {args.data_dir}/")
-        else:
-            record = submit(args.file, args.message, competition, args.data_dir, args.dry_run, history=args.history)
-            print(f"{record.result}: {record.file} -> {competition} ({record.message!r}); logged in {args.history}")
-            if record.result == "submitted":
-                print(f"scores: https://www.kaggle.com/competitions/{competition}/submissions")
-    except (UserError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    competition = args.competition or default_competition()
+    if args.command == "download":
+        written = download(competition, args.data_dir)
+        what = f"unpacked {len(written)} files into" if written else "nothing to download; all files in"
+        print(f"{competition}: {what} {args.data_dir}/")
+    else:
+        record = submit(args.file, args.message, competition, args.data_dir, args.dry_run, history=args.history)
+        print(f"{record.result}: {record.file} -> {competition} ({record.message!r}); logged in {args.history}")
+        if record.result == "submitted":
+            print(f"scores: https://www.kaggle.com/competitions/{competition}/submissions")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    errors.run(main)

@@ -7,7 +7,7 @@ import albumentations as A
 import pytest
 import torch
 
-from malaria import bench
+from malaria import bench, errors
 from malaria.models import default_image_size
 
 TINY = ["--batches", "1", "--data_batches", "1", "--warmup", "1", "--data.image_size", "32", "--data.batch_size", "8",
@@ -53,7 +53,7 @@ def test_the_naive_model_moves_device_augmentation_to_the_cpu() -> None:
 
 
 def test_bad_arguments_are_refused() -> None:
-    with pytest.raises(SystemExit, match="at least 1"):
+    with pytest.raises(errors.ConfigError, match="at least 1"):
         bench.main(["--batches", "0"])
 
 

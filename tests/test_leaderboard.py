@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from malaria import leaderboard
+from malaria import errors, leaderboard
 from malaria.leaderboard import KaggleError, connect, default_competition, download, main, submit
 from malaria.submit import SubmissionError, write_submission
 
@@ -268,10 +268,12 @@ def test_cli_dry_run_and_error_exit(
 ) -> None:
     file = _submission(history)
     common = ["--competition", COMPETITION, "--data.data_dir", str(data_dir), "--history", str(history)]
-    assert main(["submit", "--dry_run", "--file", str(file), *common]) == 0
+    main(["submit", "--dry_run", "--file", str(file), *common])
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and out.startswith(f"dry-run: {file} -> {COMPETITION}")
-    assert main(["submit", "--dry_run", "--file", str(history.parent / "missing.csv"), *common]) == 1
+    with pytest.raises(SystemExit) as exit_:
+        errors.run(lambda: main(["submit", "--dry_run", "--file", str(history.parent / "missing.csv"), *common]))
+    assert exit_.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "file not found" in err and "Traceback" not in err
     assert len(_history_rows(history)) == 1
@@ -291,11 +293,11 @@ def test_cli_download_and_submit_through_the_client(
     api = FakeKaggleApi()
     monkeypatch.setattr(leaderboard, "connect", lambda: api)
     data = tmp_path / "data"
-    assert main(["download", "--competition", COMPETITION, "--data.data_dir", str(data)]) == 0
+    main(["download", "--competition", COMPETITION, "--data.data_dir", str(data)])
     assert capsys.readouterr().out == f"{COMPETITION}: unpacked 4 files into {data}/\n"
     file = _submission(history)
     common = ["--competition", COMPETITION, "--data.data_dir", str(data), "--history", str(history)]
-    assert main(["submit", "--file", str(file), "--message", "cli", *common]) == 0
+    main(["submit", "--file", str(file), "--message", "cli", *common])
     assert capsys.readouterr().out.startswith(f"submitted: {file} -> {COMPETITION} ('cli')")
     assert api.submissions == [(str(file), "cli", COMPETITION)]
     assert sorted(p.name for p in history.parent.iterdir()) == ["history.csv", "run-a.csv"]  # no temp files left

@@ -12,7 +12,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import RichProgressBar
 
-from malaria import archive, features, predict, train
+from malaria import archive, errors, features, predict, train
 from malaria.checkpointing import AtomicCheckpointIO
 from malaria.submit import validate_submission
 
@@ -83,7 +83,7 @@ def test_predict_takes_the_final_weights_when_asked(trained: Path, demo_dir: Pat
 
 def test_an_existing_run_is_never_overwritten(trained: Path) -> None:
     best = (trained / "checkpoints" / "best.ckpt").read_bytes()
-    with pytest.raises(SystemExit, match="RESUME"):
+    with pytest.raises(errors.ExistsError, match="RESUME"):
         fit(Path("unused"), trained.parent, "--run", "tiny")
     assert (trained / "checkpoints" / "best.ckpt").read_bytes() == best
 
