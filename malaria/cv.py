@@ -22,7 +22,8 @@ from malaria import errors, runs, splits
 from malaria.atomic import replace_file
 from malaria.cli import build
 from malaria.inference import load, predict_split
-from malaria.metrics import score
+from malaria.metrics import classes, score
+from malaria.slide_errors import describe_errors
 
 
 def run_fold(config: str, k: int, fold: int, name: str, runs_dir: Path, overrides: Sequence[str]) -> Path:
@@ -67,13 +68,16 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         oof.append(pd.DataFrame({"img_name": val.ids, "label": val.labels, "prob": val.probs, "fold": fold}))
 
     per_fold = pd.DataFrame(rows)
-    replace_file(args.runs_dir / f"{name}-oof.csv", lambda f: pd.concat(oof).to_csv(f, index=False))
+    table = pd.concat(oof)
+    replace_file(args.runs_dir / f"{name}-oof.csv", lambda f: table.to_csv(f, index=False))
     split = datamodule.hparams.split
     summary = {"name": name, "k": args.k, "split": split, "folds": rows,
                "mean": per_fold.mean(numeric_only=True).to_dict(), "std": per_fold.std(numeric_only=True).to_dict()}
     runs.write_json(args.runs_dir / f"{name}-cv.json", summary)
     console = Console()
     console.print(summarise(per_fold, split))
+    right = pd.Series(classes(table["prob"].to_numpy()) == table["label"].to_numpy(), index=table["img_name"])
+    console.print("Out-of-fold errors by slide:", describe_errors(right), sep="\n", highlight=False)
     console.print(f"Ensemble the folds: make predict RUN=\"{' '.join(fold_dirs)}\"")
     return per_fold
 

@@ -11,7 +11,8 @@ from conftest import TINY
 TINY_CV = [*TINY, "--model.tta", "false"]
 
 
-def test_cross_validation_covers_every_image_once_without_slide_leaks(demo_dir: Path, tmp_path: Path) -> None:
+def test_cross_validation_covers_every_image_once_without_slide_leaks(demo_dir: Path, tmp_path: Path,
+                                                                     capsys) -> None:
     per_fold = cv.main(["--k", "2", "--name", "t", "--runs_dir", str(tmp_path),
                         "--data.data_dir", str(demo_dir), *TINY_CV])
     assert per_fold["fold"].tolist() == [0, 1]
@@ -26,6 +27,9 @@ def test_cross_validation_covers_every_image_once_without_slide_leaks(demo_dir: 
     assert all(len(set(oof["fold"][slides == s])) == 1 for s in set(slides))
     summary = json.loads((tmp_path / "t-cv.json").read_text())
     assert np.isclose(summary["mean"]["acc"], per_fold["acc"].mean()) and summary["split"] == "slide"
+    errors = int(((oof["prob"] >= 0.5) != oof["label"]).sum())
+    by_slide = capsys.readouterr().out.split("Out-of-fold errors by slide:", 1)[1]
+    assert (f"{errors} errors on " in by_slide) if errors else ("no errors" in by_slide)
     # A finished fold is reused, not retrained: the CV resumes.
     mtime = (tmp_path / "t-fold0" / "checkpoints" / "best.ckpt").stat().st_mtime_ns
     cv.main(["--k", "2", "--name", "t", "--runs_dir", str(tmp_path), "--data.data_dir", str(demo_dir), *TINY_CV])
