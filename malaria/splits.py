@@ -115,22 +115,21 @@ def _improve(counts: np.ndarray, target: np.ndarray, assignment: np.ndarray, n_f
         # Move slide a to fold f: its counts x leave own[a] and join excess[f].
         move = (2 * counts[:, None] * (excess[None] - own[:, None] + counts[:, None])).sum(-1)
         move[np.arange(len(counts)), assignment] = np.inf
-        best_move = np.unravel_index(np.argmin(move), move.shape)
-        best = move[best_move]
+        a, fold = np.unravel_index(np.argmin(move), move.shape)
+        best, swap_with = move[a, fold], None
         if swaps:  # swap slides a and b: d = x_a - x_b moves from a's fold to b's
             d = counts[:, None] - counts[None]
             swap = 2 * (d * (own[None] - own[:, None] + d)).sum(-1)
             swap[assignment[:, None] == assignment[None]] = np.inf
-            best_swap = np.unravel_index(np.argmin(swap), swap.shape)
-            if swap[best_swap] < best:
-                best = swap[best_swap]
+            i, j = np.unravel_index(np.argmin(swap), swap.shape)
+            if swap[i, j] < best:
+                best, swap_with, a = swap[i, j], j, i
         if best > -1e-9:
             break
-        if swaps and best == swap[best_swap]:
-            a, b = best_swap
-            assignment[a], assignment[b] = assignment[b], assignment[a]
+        if swap_with is None:
+            assignment[a] = fold
         else:
-            assignment[best_move[0]] = best_move[1]
+            assignment[a], assignment[swap_with] = assignment[swap_with], assignment[a]
     return assignment
 
 
