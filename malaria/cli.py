@@ -10,10 +10,8 @@ the callbacks that are part of it (fine-tuning, EMA, early stopping).
 
 from __future__ import annotations
 
-import logging
 import os
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +29,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.trainer import Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
-from malaria import errors, runs
+from malaria import errors, quiet, runs  # noqa: F401 (quiet: silences Lightning's noise on import)
 from malaria.checkpointing import AtomicCheckpointIO, ExactResume, LastCheckpoint, RefuseNonFiniteCheckpoints
 from malaria.datamodule import MalariaDataModule
 from malaria.inference import default_precision
@@ -39,14 +37,6 @@ from malaria.models import default_image_size
 from malaria.module import MalariaClassifier
 from malaria.reporting import RunReport
 from malaria.tracking import MODES, WandbSaveConfig, finish_wandb, make_loggers
-
-# Expected here, not worth a line in every run's output: the module's uint8 -> float batch hook is
-# meant to win over the data module's, and Lightning's own pytree call trips a torch deprecation.
-warnings.filterwarnings("ignore", message="You have overridden `on_after_batch_transfer`")
-warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-# Lightning advertises its cloud logger on every Trainer, the project's own included.
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-    lambda record: not str(record.msg).startswith("💡 Tip"))
 
 # DDP starts the other ranks by running the same command again; they read the run name here.
 RUN_ENV = "MALARIA_RUN"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from malaria import archive, errors
+from malaria import archive, errors, quiet  # noqa: F401 (quiet: silences Lightning's noise on import)
 from malaria.datamodule import CellDataset, MalariaDataModule, whole_batch
 from malaria.module import MalariaClassifier
 from malaria.priors import SlidePrior

@@ -3,6 +3,8 @@
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -168,3 +170,12 @@ def test_runs_print_no_cloud_logger_tip_nor_a_sample_submission_warning(demo_dir
         L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
         archive.load_test(demo_dir)
     assert "litlogger" not in caplog.text and "ignoring columns" not in caplog.text
+
+
+def test_predicting_verbs_are_quiet_without_the_cli() -> None:
+    """`make predict`, holdout, cv never import the CLI: the prediction core silences Lightning too."""
+    script = ("import lightning as L, malaria.inference\n"
+              "L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert "GPU available" in done.stderr + done.stdout  # Lightning did speak, and only its noise went
+    assert "litlogger" not in done.stderr + done.stdout
