@@ -176,6 +176,15 @@ def refuse_partial(data_dir: Path) -> None:
                     "add the missing file (check its name), or use an empty folder for demo data.")
 
 
+def source_dir(data_dir: Path, demo: bool = True) -> Path:
+    """Where a run reads its competition from: data_dir, or with no competition files there and
+    `demo` on, its generated demo folder (data_dir/demo)."""
+    if has_competition(data_dir) or not demo:
+        return data_dir
+    refuse_partial(data_dir)
+    return data_dir / DEMO_SUBDIR
+
+
 def load_train(data_dir: Path) -> ImageTable:
     """The labelled training table from train_data.zip + train_labels.csv (or train_data.csv)."""
     csv_path = next((data_dir / c for c in LABEL_CSVS if (data_dir / c).exists()), data_dir / LABEL_CSVS[0])

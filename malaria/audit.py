@@ -96,8 +96,8 @@ def audit(cv_run: Path, data_dir: Path | None = None, shown: int = 48) -> Path:
     if out.exists():
         raise errors.ExistsError(f"{out} exists; an audit is never overwritten: move it away first.")
     if data_dir is None:
-        config = yaml.safe_load((cv_run.with_name(f"{cv_run.name}-fold0") / "config.yaml").read_text())
-        data_dir = Path(config["data"]["data_dir"])
+        data = yaml.safe_load((cv_run.with_name(f"{cv_run.name}-fold0") / "config.yaml").read_text())["data"]
+        data_dir = archive.source_dir(Path(data["data_dir"]), data.get("demo", True))  # as the CV read it
     oof = pd.read_csv(oof_path)
     issues = label_issues(oof)
     staging = out.with_name(f".{out.name}.partial")

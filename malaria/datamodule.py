@@ -129,10 +129,7 @@ class MalariaDataModule(L.LightningDataModule):
     @property
     def source_dir(self) -> Path:
         """Where the competition files are read from: data_dir, or its demo folder."""
-        if archive.has_competition(self.data_dir) or not self.hparams.demo:
-            return self.data_dir
-        archive.refuse_partial(self.data_dir)
-        return self.data_dir / archive.DEMO_SUBDIR
+        return archive.source_dir(self.data_dir, self.hparams.demo)
 
     @property
     def cache_dir(self) -> Path:

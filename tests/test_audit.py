@@ -3,11 +3,13 @@ leave training through data.exclude."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from malaria import audit, cv, errors
 from malaria.datamodule import MalariaDataModule
@@ -61,6 +63,21 @@ def test_audit_of_a_cv_run_writes_its_files_and_never_overwrites(cv_run: Path) -
     assert (out / "gallery.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(errors.ExistsError, match="never overwritten"):
         audit.main(["--run", str(cv_run)])
+
+
+def test_audit_of_a_cv_on_demo_data_reads_the_demo_folder(cv_run: Path, demo_dir: Path, tmp_path: Path) -> None:
+    """`make audit` on a fresh clone: the CV's data_dir is data/, its images are in data/demo."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "demo").symlink_to(demo_dir)
+    runs_dir = tmp_path / "runs"
+    (runs_dir / "b-fold0").mkdir(parents=True)
+    shutil.copy(cv_run.with_name("a-oof.csv"), runs_dir / "b-oof.csv")
+    config = yaml.safe_load((cv_run.with_name("a-fold0") / "config.yaml").read_text())
+    config["data"]["data_dir"] = str(tmp_path / "data")
+    (runs_dir / "b-fold0" / "config.yaml").write_text(yaml.safe_dump(config))
+    out = audit.main(["--run", str(runs_dir / "b")])
+    assert (out / "gallery.png").is_file()
+    assert f"make train DATA_DIR={tmp_path / 'data' / 'demo'} " in (out / "audit.md").read_text()
 
 
 def test_excluded_cells_leave_training_but_not_the_holdout(demo_dir: Path, tmp_path: Path) -> None:
