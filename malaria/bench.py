@@ -50,7 +50,7 @@ from malaria.cli import build
 from malaria.archive import ImageTable
 from malaria.sampling import ResumableSampler
 from malaria.datamodule import CellDataset, MalariaDataModule, default_workers, whole_batch
-from malaria.inference import default_precision
+from malaria.hardware import default_precision
 from malaria.module import MalariaClassifier
 from malaria.transforms import train_transform
 

@@ -32,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from malaria import errors, quiet, runs  # noqa: F401 (quiet: silences Lightning's noise on import)
 from malaria.checkpointing import AtomicCheckpointIO, ExactResume, LastCheckpoint, RefuseNonFiniteCheckpoints
 from malaria.datamodule import MalariaDataModule
-from malaria.inference import default_precision
+from malaria.hardware import default_precision
 from malaria.models import default_image_size
 from malaria.module import MalariaClassifier
 from malaria.reporting import RunReport

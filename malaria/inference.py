@@ -14,23 +14,16 @@ from typing import Literal
 
 import lightning as L
 import numpy as np
-import torch
 from torch.utils.data import DataLoader
 
 from malaria import archive, errors, quiet  # noqa: F401 (quiet: silences Lightning's noise on import)
 from malaria.datamodule import CellDataset, MalariaDataModule, whole_batch
+from malaria.hardware import default_precision
 from malaria.module import MalariaClassifier
 from malaria.priors import SlidePrior
 from malaria.writer import PredictionWriter
 
 Subset = Literal["val", "test"]  # the holdout of the training images, or the test set
-
-
-def default_precision() -> str:
-    """Mixed precision on a GPU (bf16 where the GPU has it), full precision on a CPU."""
-    if not torch.cuda.is_available():
-        return "32-true"
-    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
 @dataclass

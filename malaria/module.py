@@ -48,6 +48,7 @@ class MalariaClassifier(L.LightningModule):
         pretrained: bool = False,
         pretrained_file: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
+        optimizer: str = "adamw",
         lr: float = 3e-3,
         weight_decay: float = 0.05,
         warmup_epochs: float = 1.0,
@@ -83,8 +84,9 @@ class MalariaClassifier(L.LightningModule):
             self.net.compile()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits, one per image, for normalised float images."""
-        return self.net(images).squeeze(1)
+        """Logits, one per image, for normalised float images; fp32 even under bf16 autocast, whose
+        8-bit mantissa would round probabilities above 0.998 to 1 (infinite log-odds for the slide prior)."""
+        return self.net(images).squeeze(1).float()
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images (N, 3, H, W) -> the network's input, on the model's device."""
@@ -145,9 +147,10 @@ class MalariaClassifier(L.LightningModule):
         return {"rows": rows, "probs": probs.float()}
 
     def configure_optimizers(self) -> dict[str, Any]:
-        # timm's factory skips frozen parameters and exempts norms and biases from weight decay.
+        # timm's factory skips frozen parameters and exempts norms and biases from weight decay; its
+        # names include "sgd" (Nesterov, momentum 0.9) and Lookahead wrappers such as "lookahead_adamw".
         optimizer = create_optimizer_v2(
-            self.net, "adamw", lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+            self.net, self.hparams.optimizer, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
         )
         total = self.trainer.estimated_stepping_batches
         warmup = int(self.hparams.warmup_epochs * total / max(1, self.trainer.max_epochs))

@@ -1,0 +1,37 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from malaria import hardware
+
+AVX512_NO_BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n"
+AVX512_BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx512_bf16\n"
+ARM = "processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n"
+
+
+@pytest.mark.parametrize("cpuinfo, expected", [(AVX512_BF16, True), (AVX512_NO_BF16, False), (ARM, False)])
+def test_bf16_is_read_from_the_cpu_flags(tmp_path: Path, cpuinfo: str, expected: bool) -> None:
+    (tmp_path / "cpuinfo").write_text(cpuinfo)
+    assert hardware.cpu_has_bf16(tmp_path / "cpuinfo") is expected
+
+
+def test_a_machine_without_cpuinfo_keeps_fp32(tmp_path: Path) -> None:
+    assert hardware.cpu_flags(tmp_path / "absent") == frozenset()
+    assert not hardware.cpu_has_bf16(tmp_path / "absent")
+
+
+@pytest.mark.parametrize("has_bf16, expected", [(True, "bf16-mixed"), (False, "32-true")])
+def test_cpu_precision_follows_the_hardware(monkeypatch: pytest.MonkeyPatch, has_bf16: bool, expected: str) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: has_bf16)
+    assert hardware.default_precision() == expected
+
+
+def test_logits_stay_fp32_under_bf16_autocast() -> None:
+    from malaria.module import MalariaClassifier
+
+    model = MalariaClassifier(model_kwargs={"widths": [8, 16]}).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randn(4, 3, 32, 32))
+    assert logits.dtype == torch.float32
