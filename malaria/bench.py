@@ -13,7 +13,9 @@ for the project's pipeline and for a naive one that decodes every PNG from the z
 used and runs all augmentation image by image on the CPU, with the same model and augmentation.
 Each stage times a fixed number of batches after a warm-up, cycling through the data if needed, so a
 run takes minutes whatever the data size. Without competition files it runs on the demo data.
-Options after the bench's own are recipe overrides, as for `malaria.train`. One JSON object per line
+The training stage's achieved GFLOP/s (torch.utils.flop_counter's count of a training step times
+its images/s) is set against the machine's own peak, measured here by fp32 and bf16 matmuls, so a
+recipe shows how close to the hardware it runs. Options after the bench's own are recipe overrides, as for `malaria.train`. One JSON object per line
 goes to stdout; a table and the logs go to stderr.
 """
 
@@ -50,7 +52,7 @@ from malaria.cli import build
 from malaria.archive import ImageTable
 from malaria.sampling import ResumableSampler
 from malaria.datamodule import CellDataset, MalariaDataModule, default_workers, whole_batch
-from malaria.hardware import default_precision
+from malaria.hardware import default_precision, matmul_peak_gflops, training_gflop_per_image
 from malaria.module import MalariaClassifier
 from malaria.transforms import train_transform
 
@@ -249,6 +251,18 @@ def ratios(results: Sequence[Result]) -> dict[str, float]:
             for stage in STAGES[1:] if (stage, "project") in speed and (stage, "naive") in speed}
 
 
+def compute(model: MalariaClassifier, image_size: int, results: Sequence[Result], precision: str) -> dict[str, Any]:
+    """The project's training GFLOP/s against the machine's measured matmul peaks."""
+    train = next(r for r in results if (r.stage, r.pipeline) == ("train", "project"))
+    gflop = training_gflop_per_image(model.net, image_size)
+    peaks = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
+    achieved = gflop * train.images_per_s
+    in_use = "bf16" if precision.startswith("bf16") else "fp32"  # 16-mixed: fp16, quoted against bf16's peak
+    return {"kind": "compute", "train_gflop_per_image": float(f"{gflop:.4g}"), "train_gflops": float(f"{achieved:.4g}"),
+            "peak_gflops_fp32": round(peaks["fp32"], 1), "peak_gflops_bf16": round(peaks["bf16"], 1),
+            "peak_in_use": in_use, "fraction_of_peak": round(achieved / peaks[in_use], 3)}
+
+
 def peak_rss_mib() -> dict[str, float]:
     """Peak resident memory of this process and of its largest finished child (DataLoader workers)."""
     to_mib = 1 / 1024  # Linux reports KiB
@@ -256,7 +270,8 @@ def peak_rss_mib() -> dict[str, float]:
             "peak_rss_children_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * to_mib, 1)}
 
 
-def table(setup: dict[str, Any], results: Sequence[Result], ratio: dict[str, float], memory: dict[str, Any]) -> Table:
+def table(setup: dict[str, Any], results: Sequence[Result], ratio: dict[str, float], flops: dict[str, Any],
+          memory: dict[str, Any]) -> Table:
     speed = {(r.stage, r.pipeline): r.images_per_s for r in results}
     out = Table(title=f"malaria bench: {setup['model']} at {setup['image_size']} px, batch {setup['batch_size']}, "
                       f"workers {setup['num_workers']} / {setup['naive_num_workers']} (project / naive), "
@@ -268,7 +283,10 @@ def table(setup: dict[str, Any], results: Sequence[Result], ratio: dict[str, flo
     for stage in STAGES:
         cells = [f"{speed[stage, p]:,.0f}" if (stage, p) in speed else "-" for p in PIPELINES]
         out.add_row(stage, *cells, f"{ratio[stage]:.2f}x" if stage in ratio else "once vs every epoch")
-    out.caption = (f"peak RSS {memory['peak_rss_mib']:,.0f} MiB (largest child {memory['peak_rss_children_mib']:,.0f} "
+    out.caption = (f"training: {flops['train_gflop_per_image']:.2f} GFLOP an image, {flops['train_gflops']:,.0f} "
+                   f"GFLOP/s = {flops['fraction_of_peak']:.0%} of this machine's {flops['peak_in_use']} matmul peak "
+                   f"({flops['peak_gflops_fp32']:,.0f} fp32, {flops['peak_gflops_bf16']:,.0f} bf16 GFLOP/s)\n"
+                   f"peak RSS {memory['peak_rss_mib']:,.0f} MiB (largest child {memory['peak_rss_children_mib']:,.0f} "
                    f"MiB); load average {memory['load_avg_start']} -> {memory['load_avg_end']} "
                    f"on {setup['cpu_count']} CPUs; data: {setup['data_source']}")
     return out
@@ -321,10 +339,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     ratio = ratios(results)
     for stage, value in ratio.items():
         emit({"kind": "ratio", "stage": stage, "project_over_naive": value})
+    flops = compute(model, setup["image_size"], results, setup["precision"])
+    emit(flops)
     memory = {"kind": "memory", **peak_rss_mib(), "load_avg_start": [round(x, 2) for x in load_start],
               "load_avg_end": [round(x, 2) for x in os.getloadavg()]}
     emit(memory)
-    Console(stderr=True).print(table(setup, results, ratio, memory))
+    Console(stderr=True).print(table(setup, results, ratio, flops, memory))
     return records
 
 

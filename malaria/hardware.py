@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 # CPU flags (Linux /proc/cpuinfo names) of native bf16 arithmetic: AVX512-BF16 (Intel Cooper Lake
 # and later, AMD Zen 4 and later) and AMX. Without them PyTorch emulates bf16, slower than fp32.
@@ -35,3 +38,31 @@ def default_precision() -> str:
     if torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "bf16-mixed" if cpu_has_bf16() else "32-true"
+
+
+def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """The machine's own ceiling for `dtype`: GFLOP/s of the best of `repeats` square matmuls on the
+    device the project trains on (all CPU threads, or the GPU)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first call warms up the kernels
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def training_gflop_per_image(net: torch.nn.Module, image_size: int, batch: int = 4) -> float:
+    """GFLOP of one training step per image (forward and backward), as `torch.utils.flop_counter`
+    counts them: convolutions and matmuls, the work the hardware's peak is quoted for."""
+    net = copy.deepcopy(net).train()
+    images = torch.randn(batch, 3, image_size, image_size, device=next(net.parameters()).device)
+    with FlopCounterMode(display=False) as counter:
+        net(images).float().sum().backward()
+    return counter.get_total_flops() / batch / 1e9

@@ -26,6 +26,10 @@ def test_bench_prints_one_json_object_per_line(demo_dir: Path, capsys: pytest.Ca
     for record in stages.values():
         assert record["images"] > 0 and record["seconds"] > 0 and record["images_per_s"] > 0
     assert {r["stage"] for r in lines if r["kind"] == "ratio"} == {"data", "train", "predict"}
+    flops = next(r for r in lines if r["kind"] == "compute")
+    assert flops["train_gflop_per_image"] > 0 and flops["peak_gflops_fp32"] > 0 and flops["peak_gflops_bf16"] > 0
+    train = stages["train", "project"]["images_per_s"]
+    assert flops["train_gflops"] == pytest.approx(flops["train_gflop_per_image"] * train, rel=0.01)
     memory = lines[-1]
     assert memory["kind"] == "memory" and memory["peak_rss_mib"] > 0 and len(memory["load_avg_end"]) == 3
 

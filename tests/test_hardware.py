@@ -35,3 +35,16 @@ def test_logits_stay_fp32_under_bf16_autocast() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(torch.randn(4, 3, 32, 32))
     assert logits.dtype == torch.float32
+
+
+def test_a_training_step_of_the_default_network_costs_about_one_gflop_an_image_at_64_px() -> None:
+    from malaria.models import create_model
+
+    net = create_model("malaria_cnn", widths=[32, 64, 128, 128], convs_per_stage=2)
+    at_64 = hardware.training_gflop_per_image(net, 64)
+    assert 0.9 < at_64 < 1.2  # forward 0.35 GFLOP, backward about twice that
+    assert hardware.training_gflop_per_image(net, 32) == pytest.approx(at_64 / 4, rel=0.02)
+
+
+def test_the_matmul_peak_is_a_rate() -> None:
+    assert 0 < hardware.matmul_peak_gflops(torch.float32, size=256, repeats=2) < 1e6
