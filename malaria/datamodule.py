@@ -78,6 +78,31 @@ class CellDataset(Dataset):
         return images[0], labels[0], int(rows[0])
 
 
+class ConcatCells(Dataset):
+    """Several CellDatasets as one (the training cells and pseudo-labelled test cells): item i
+    indexes their concatenation, and a batch still reads each part's rows at once."""
+
+    def __init__(self, parts: Sequence[CellDataset]) -> None:
+        self.parts = list(parts)
+        self.offsets = np.cumsum([0, *(len(part) for part in self.parts)])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitems__(self, items: list[int | tuple[int, int]]) -> Batch:
+        index = np.array([item[0] if isinstance(item, tuple) else item for item in items])
+        part_of = np.searchsorted(self.offsets, index, side="right") - 1
+        batches = []
+        for p, part in enumerate(self.parts):
+            positions = np.flatnonzero(part_of == p)
+            local = [(int(index[i] - self.offsets[p]), *items[i][1:]) if isinstance(items[i], tuple)
+                     else int(index[i] - self.offsets[p]) for i in positions]
+            if local:
+                batches.append((positions, part.__getitems__(local)))
+        order = torch.as_tensor(np.argsort(np.concatenate([positions for positions, _ in batches])))
+        return tuple(torch.cat([batch[k] for _, batch in batches])[order] for k in range(3))
+
+
 def whole_batch(batch: Batch) -> Batch:
     """The collate_fn of a DataLoader over a CellDataset, which hands out whole batches."""
     return batch
@@ -109,6 +134,7 @@ class MalariaDataModule(L.LightningDataModule):
         split: splits.Split = "slide",
         train_cells: int | None = None,
         exclude: str | None = None,
+        pseudo_labels: str | None = None,
         seed: int = 42,
         batch_size: int = 128,
         num_workers: int | None = None,
@@ -125,6 +151,7 @@ class MalariaDataModule(L.LightningDataModule):
         self.train_table: archive.ImageTable | None = None
         self.test_table: archive.ImageTable | None = None
         self.train_rows = self.val_rows = np.empty(0, dtype=np.int64)
+        self.pseudo: tuple[np.ndarray, np.ndarray] | None = None  # test rows, and labels of every test row
 
     @property
     def source_dir(self) -> Path:
@@ -193,6 +220,9 @@ class MalariaDataModule(L.LightningDataModule):
                                                    self.hparams.train_cells, self.hparams.seed)
             self.train_cache = cache.build(self.train_table, size, self.cache_dir, "train")
             rank_zero_info(self.split_summary)
+        if stage == "fit" and self.hparams.pseudo_labels and self.pseudo is None:
+            self.setup("predict")
+            self.pseudo = self._pseudo_labelled(Path(self.hparams.pseudo_labels))
         if stage in ("test", "predict") and self.test_table is None:
             self.test_table = archive.load_test(source)
             self.test_cache = cache.build(self.test_table, size, self.cache_dir, "test")
@@ -217,6 +247,22 @@ class MalariaDataModule(L.LightningDataModule):
             raise archive.DataError(f"{exclude_csv}: {len(unknown)} ids are not training cells of "
                                     f"{self.source_dir}, the first {unknown[0]!r}.")
         return np.setdiff1d(rows, [index[name] for name in excluded])
+
+    def _pseudo_labelled(self, csv_path: Path) -> tuple[np.ndarray, np.ndarray]:
+        """The test rows that `csv_path` (a submission, or any `img_name,label` CSV of test cells)
+        labels, and labels for every test row (-1 where it gives none)."""
+        frame = archive.read_id_csv(csv_path, with_labels=True)
+        index = {name: row for row, name in enumerate(self.test_table.ids)}
+        unknown = [name for name in frame["img_name"] if name not in index]
+        if unknown:
+            raise archive.DataError(f"data.pseudo_labels {csv_path}: {len(unknown)} ids are not test cells of "
+                                    f"{self.source_dir}, the first {unknown[0]!r}.")
+        rows = np.array([index[name] for name in frame["img_name"]], dtype=np.int64)
+        labels = np.full(len(self.test_table), -1, dtype=np.int64)
+        labels[rows] = frame["label"].astype(int).to_numpy()
+        rank_zero_info(f"Pseudo-labels: {len(rows)} test cells from {csv_path} "
+                       f"({int(labels[rows].sum())} parasitized) join the training cells.")
+        return np.sort(rows), labels
 
     def _ranks(self) -> dict[str, int]:
         """num_replicas and rank under DDP; empty on one device."""
@@ -249,8 +295,11 @@ class MalariaDataModule(L.LightningDataModule):
     def train_dataloader(self) -> ResumableLoader:
         """Shuffled by (seed, epoch); under DDP the ranks' shards are disjoint (the remainder that
         does not divide evenly is dropped, a different few images each epoch)."""
-        dataset = CellDataset(self.train_cache, self.train_rows, self.train_table.labels,
-                              train_transform(self.augment))
+        transform = train_transform(self.augment)
+        dataset: Dataset = CellDataset(self.train_cache, self.train_rows, self.train_table.labels, transform)
+        if self.pseudo is not None:
+            rows, labels = self.pseudo
+            dataset = ConcatCells([dataset, CellDataset(self.test_cache, rows, labels, transform)])
         sampler = ResumableSampler(dataset, seed=self.hparams.seed, **self._ranks())
         return ResumableLoader(dataset, sampler=sampler, drop_last=len(sampler) > self.hparams.batch_size,
                                **self._loader_kwargs())

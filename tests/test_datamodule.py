@@ -13,7 +13,8 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from malaria.sampling import ResumableLoader, ResumableSampler
-from malaria.datamodule import CellDataset, MalariaDataModule, whole_batch
+from malaria import archive
+from malaria.datamodule import CellDataset, ConcatCells, MalariaDataModule, whole_batch
 from malaria.transforms import Augment, train_transform
 
 BATCH = 8
@@ -98,3 +99,38 @@ def test_train_cells_shrinks_the_training_side_only(demo_dir: Path) -> None:
         datamodule.setup("fit")
     assert len(part.train_rows) == 40 and set(part.train_rows) < set(whole.train_rows)
     assert np.array_equal(part.val_rows, whole.val_rows)
+
+
+def test_pseudo_labelled_test_cells_join_the_training_batches(demo_dir: Path, tmp_path: Path) -> None:
+    reader = MalariaDataModule(data_dir=str(demo_dir), image_size=32, num_workers=0)
+    reader.prepare_data()
+    reader.setup("predict")
+    named = reader.test_table.ids[:10]
+    csv = tmp_path / "pseudo.csv"
+    csv.write_text("img_name,label\n" + "".join(f"{name},1\n" for name in named))
+    datamodule = MalariaDataModule(data_dir=str(demo_dir), image_size=32, num_workers=0, pseudo_labels=str(csv))
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    datamodule.hparams.batch_size = len(datamodule.train_rows) + 10  # one batch holds the whole epoch
+    (images, labels, rows), = list(datamodule.train_dataloader())
+    assert len(images) == len(datamodule.train_rows) + 10
+    assert labels.sum() == datamodule.train_table.labels[datamodule.train_rows].sum() + 10
+
+
+def test_concatenated_cells_read_each_part_and_keep_the_batch_order(tmp_path: Path) -> None:
+    for name, value in (("dark", 0), ("bright", 255)):
+        np.save(tmp_path / f"{name}.npy", np.full((4, 8, 8, 3), value, dtype=np.uint8))
+    dark = CellDataset(tmp_path / "dark.npy", np.arange(4), np.zeros(4))
+    bright = CellDataset(tmp_path / "bright.npy", np.array([2, 3]), np.ones(4))
+    images, labels, rows = ConcatCells([dark, bright]).__getitems__([5, 0, 4, (1, 7)])
+    assert labels.tolist() == [1, 0, 1, 0] and rows.tolist() == [3, 0, 2, 1]
+    assert images.flatten(1).amax(1).tolist() == [255, 0, 255, 0]
+
+
+def test_pseudo_labels_for_cells_outside_the_test_set_are_refused(demo_dir: Path, tmp_path: Path) -> None:
+    csv = tmp_path / "pseudo.csv"
+    csv.write_text("img_name,label\nnot_a_test_cell.png,1\n")
+    datamodule = MalariaDataModule(data_dir=str(demo_dir), image_size=32, num_workers=0, pseudo_labels=str(csv))
+    datamodule.prepare_data()
+    with pytest.raises(archive.DataError, match="pseudo.csv: 1 ids are not test cells.*not_a_test_cell.png"):
+        datamodule.setup("fit")
