@@ -194,27 +194,29 @@ def time_data(batches: Iterable, model: MalariaClassifier, warmup: int, count: i
     return Result("data", pipeline, images, time.perf_counter() - start)
 
 
-def _trainer(stopwatch: Stopwatch, steps: int) -> L.Trainer:
-    return L.Trainer(accelerator="auto", devices=1, precision=default_precision(), max_steps=steps,
+def _trainer(stopwatch: Stopwatch, steps: int, precision: str) -> L.Trainer:
+    return L.Trainer(accelerator="auto", devices=1, precision=precision, max_steps=steps,
                      max_epochs=10_000, limit_val_batches=0, limit_predict_batches=steps, num_sanity_val_steps=0,
                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
                      enable_model_summary=False, callbacks=[stopwatch], default_root_dir=tempfile.gettempdir())
 
 
-def time_train(model: MalariaClassifier, warmup: int, count: int, pipeline: str, **fit_kwargs: Any) -> Result:
+def time_train(model: MalariaClassifier, warmup: int, count: int, pipeline: str, precision: str,
+               **fit_kwargs: Any) -> Result:
     """Optimisation steps, through the same Lightning loop as `malaria.train`."""
     stopwatch = Stopwatch(warmup)
-    _trainer(stopwatch, warmup + count).fit(model, **fit_kwargs)
+    _trainer(stopwatch, warmup + count, precision).fit(model, **fit_kwargs)
     return Result("train", pipeline, stopwatch.images, stopwatch.seconds)
 
 
-def time_predict(model: MalariaClassifier, batches: DataLoader, warmup: int, count: int, pipeline: str) -> Result:
+def time_predict(model: MalariaClassifier, batches: DataLoader, warmup: int, count: int, pipeline: str,
+                 precision: str) -> Result:
     stopwatch = Stopwatch(warmup)
-    _trainer(stopwatch, warmup + count).predict(model, dataloaders=batches, return_predictions=False)
+    _trainer(stopwatch, warmup + count, precision).predict(model, dataloaders=batches, return_predictions=False)
     return Result("predict", pipeline, stopwatch.images, stopwatch.seconds)
 
 
-def run(model: MalariaClassifier, datamodule: MalariaDataModule, batches: int, warmup: int,
+def run(model: MalariaClassifier, datamodule: MalariaDataModule, batches: int, warmup: int, precision: str,
         compile_net: bool = False, data_batches: int | None = None) -> Iterator[Result]:
     """Every stage for both pipelines, as each finishes; the models start from the same weights."""
     datamodule.prepare_data()
@@ -235,13 +237,13 @@ def run(model: MalariaClassifier, datamodule: MalariaDataModule, batches: int, w
     naive_train = loader(ZipDataset(table, size, datamodule.train_rows, naive_transform), datamodule, workers,
                          shuffle=True)
     yield time_data(naive_train, naive_model, warmup, data_batches, "naive")
-    yield time_train(project_trained, warmup, batches, "project", datamodule=datamodule)
-    yield time_train(naive_trained, warmup, batches, "naive", train_dataloaders=naive_train)
+    yield time_train(project_trained, warmup, batches, "project", precision, datamodule=datamodule)
+    yield time_train(naive_trained, warmup, batches, "naive", precision, train_dataloaders=naive_train)
     cached = loader(CellDataset(datamodule.train_cache, predict_rows, None), datamodule, datamodule.num_workers,
                     shuffle=False)
-    yield time_predict(model, cached, warmup, batches, "project")
+    yield time_predict(model, cached, warmup, batches, "project", precision)
     zipped = loader(ZipDataset(table, size, predict_rows, None), datamodule, workers, shuffle=False)
-    yield time_predict(naive_model, zipped, warmup, batches, "naive")
+    yield time_predict(naive_model, zipped, warmup, batches, "naive", precision)
 
 
 def ratios(results: Sequence[Result]) -> dict[str, float]:
@@ -260,7 +262,7 @@ def compute(model: MalariaClassifier, image_size: int, results: Sequence[Result]
     in_use = "bf16" if precision.startswith("bf16") else "fp32"  # 16-mixed: fp16, quoted against bf16's peak
     return {"kind": "compute", "train_gflop_per_image": float(f"{gflop:.4g}"), "train_gflops": float(f"{achieved:.4g}"),
             "peak_gflops_fp32": round(peaks["fp32"], 1), "peak_gflops_bf16": round(peaks["bf16"], 1),
-            "peak_in_use": in_use, "fraction_of_peak": round(achieved / peaks[in_use], 3)}
+            "peak_in_use": in_use, "fraction_of_peak": float(f"{achieved / peaks[in_use]:.3g}")}
 
 
 def peak_rss_mib() -> dict[str, float]:
@@ -300,6 +302,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="timed batches of the data stage, which is cheap enough to time longer")
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches before each timing")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network (warm-up compiles)")
+    parser.add_argument("--precision", choices=("32-true", "bf16-mixed", "16-mixed"), default=None,
+                        help="the Trainer's precision (default: what the hardware has, as in training)")
     return parser
 
 
@@ -327,13 +331,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             "on_device_augment": datamodule.augment.on_device, "channels_last": model.hparams.channels_last,
             "batch_dihedral": model.hparams.batch_dihedral, "tta": model.hparams.tta, "compile": args.compile,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "precision": default_precision(), "torch_threads": torch.get_num_threads(),
+            "precision": args.precision or default_precision(), "torch_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "batches": args.batches,
             "data_batches": args.data_batches, "warmup": args.warmup,
         }
         emit(setup)
         results = []
-        for result in run(model, datamodule, args.batches, args.warmup, args.compile, args.data_batches):
+        for result in run(model, datamodule, args.batches, args.warmup, setup["precision"], args.compile,
+                          args.data_batches):
             results.append(result)
             emit(result.record())
     ratio = ratios(results)

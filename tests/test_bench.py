@@ -65,3 +65,10 @@ def test_a_recipe_resolves_as_in_training() -> None:
     overrides = ["--data.image_size", "null", "--model.model", "test_resnet", "--model.model_kwargs", "{}"]
     model, datamodule = bench.load_recipe(Path("configs/default.yaml"), overrides)
     assert datamodule.hparams.image_size == default_image_size("test_resnet") == 160  # the backbone's own size
+
+
+def test_the_precision_flag_sets_the_trainers_and_the_peak_it_is_quoted_against(demo_dir: Path) -> None:
+    records = bench.main(["--data.data_dir", str(demo_dir), *TINY, "--precision", "32-true"])
+    setup, flops = records[0], next(r for r in records if r["kind"] == "compute")
+    assert setup["precision"] == "32-true" and flops["peak_in_use"] == "fp32"
+    assert flops["fraction_of_peak"] == pytest.approx(flops["train_gflops"] / flops["peak_gflops_fp32"], rel=0.01)
