@@ -29,6 +29,10 @@ class ConfigError(UserError, ValueError):
     """A recipe or flag that cannot work."""
 
 
+class WriteError(UserError, OSError):
+    """An output could not be written (no space left, a read-only folder); nothing before it changed."""
+
+
 class Preempted(Exception):
     """Training stopped by SIGTERM or SIGINT after saving its state (`malaria.preemption`)."""
 
