@@ -36,8 +36,8 @@ class WriteError(UserError, OSError):
 class Preempted(Exception):
     """Training stopped by SIGTERM or SIGINT after saving its state (`malaria.preemption`)."""
 
-    def __init__(self, what: str, resume: str, exit_status: int) -> None:
-        super().__init__(f"{what}; resume with `{resume}`")
+    def __init__(self, what: str, resume: str | None, exit_status: int) -> None:
+        super().__init__(f"{what}; resume with `{resume}`" if resume else what)
         self.what, self.resume, self.exit_status = what, resume, exit_status
 
 

@@ -37,6 +37,7 @@ class Stop:
 
     signal: signal.Signals
     checkpoint: Path
+    saved: bool  # False when the signal came before the first training batch: nothing new to save
     epoch: int
     step: int
 
@@ -53,6 +54,7 @@ class SaveOnPreemption(L.Callback):
         self.path = Path(dirpath) / "last.ckpt"
         self._signal = signal.SIGTERM
         self._previous_sigint: Any = None
+        self._training = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         SaveOnPreemption.last_stop = None
@@ -68,12 +70,20 @@ class SaveOnPreemption(L.Callback):
         self._signal = signal.SIGINT
         handler(signal.SIGTERM, frame)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._training = True
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
             return
-        trainer.save_checkpoint(self.path)
+        # During the sanity check a resumed run has not restored its random streams yet (ExactResume
+        # does at train start): its last.ckpt, untouched, is the right one to resume from.
+        saved = self._training and not trainer.sanity_checking
+        if saved:
+            trainer.save_checkpoint(self.path)
         if trainer.is_global_zero:
-            SaveOnPreemption.last_stop = Stop(self._signal, self.path, trainer.current_epoch, trainer.global_step)
+            SaveOnPreemption.last_stop = Stop(self._signal, self.path, saved, trainer.current_epoch,
+                                              trainer.global_step)
         self._restore_sigint()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -88,10 +98,12 @@ class SaveOnPreemption(L.Callback):
 def preempted(resume: str | None = None) -> errors.Preempted:
     """The error for a training stopped by a signal; `resume` overrides `make train RESUME=<run>`."""
     stop = SaveOnPreemption.last_stop
-    if stop is None:  # stopped before anything could be saved, or on another rank
-        return errors.Preempted("stopped by a signal before a checkpoint was saved", resume or "rerun the command",
-                                128 + signal.SIGTERM)
+    if stop is None:  # stopped before the trainer was set up, or on another rank
+        return errors.Preempted("stopped by SIGTERM before training began", resume, 128 + signal.SIGTERM)
     run_dir = stop.checkpoint.parent.parent
-    return errors.Preempted(f"stopped by {stop.signal.name} at epoch {stop.epoch}, step {stop.step}; "
-                            f"saved {stop.checkpoint}", resume or f"make train RESUME={run_dir}",
-                            128 + stop.signal)
+    resume = resume or (f"make train RESUME={run_dir}" if stop.checkpoint.exists() else None)
+    if stop.saved:
+        what = f"stopped by {stop.signal.name} at epoch {stop.epoch}, step {stop.step}; saved {stop.checkpoint}"
+    else:
+        what = f"stopped by {stop.signal.name} before training began; nothing new to save"
+    return errors.Preempted(what, resume, 128 + stop.signal)

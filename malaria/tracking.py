@@ -121,11 +121,11 @@ class FallbackWandbLogger(WandbLogger):
     @property
     @rank_zero_experiment
     def experiment(self):  # noqa: ANN201 (wandb's Run, imported lazily as Lightning does)
-        if self._experiment is not None or self._offline:
-            return super().experiment
         try:
             return super().experiment
         except Exception as err:  # wandb raises CommError, AuthenticationError, UsageError, ...
+            if self._offline:  # nothing left to fall back to
+                raise
             import wandb
 
             wandb.teardown()  # the failed online run still holds its id in W&B's service process

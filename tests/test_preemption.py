@@ -19,6 +19,7 @@ from test_resume import (  # noqa: F401 (recipe and straight are fixtures)
 )
 
 from malaria import train
+from malaria.preemption import SaveOnPreemption, Stop, preempted
 
 
 def stop_mid_epoch(sig: signal.Signals, recipe: Path, demo_dir: Path, folder: Path, per_epoch: int,
@@ -61,3 +62,16 @@ def test_ctrl_c_twice_saves_once_and_corrupts_nothing(
     assert per_epoch < saved < 2 * per_epoch
     assert sorted(p.name for p in last.parent.iterdir()) == ["best.ckpt", "last.ckpt"]  # no half-written file
     assert "Traceback" not in output
+
+
+def test_a_signal_before_training_saves_nothing_and_says_so(tmp_path: Path, monkeypatch) -> None:
+    """Stopped during the sanity check of a resumed run: its last.ckpt stays and still resumes it."""
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    stop = Stop(signal.SIGINT, last, saved=False, epoch=0, step=0)
+    monkeypatch.setattr(SaveOnPreemption, "last_stop", stop)
+    assert str(preempted()) == "stopped by SIGINT before training began; nothing new to save"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"the run's")
+    stopped = preempted()
+    assert str(stopped).endswith(f"resume with `make train RESUME={tmp_path / 'run'}`")
+    assert stopped.exit_status == 130
