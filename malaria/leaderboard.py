@@ -281,25 +281,25 @@ def submit(
     message = attempt["message"]
     record = SubmissionRecord(**attempt, result="submitted")
     try:
-        if _accepted(api, competition, file, message):  # a rerun after a reply that never came
-            if _recorded(history, record):
-                return replace(record, result="already submitted")
-            append_history(history, record)
-            return record
-        for trial in retry.transient_failures(f"upload of {file} to {competition!r}"):
-            with trial:
-                # The previous try may have reached Kaggle before failing: never upload it twice.
-                if trial.retry_state.attempt_number > 1 and _accepted(api, competition, file, message):
-                    break
-                response = api.competition_submit(str(file), message, competition, quiet=True)
-                if response.message == api.COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE:
-                    raise retry.TransientError(f"upload failed: {response.message}")
+        # A rerun after a reply that never came, or of a submission already made: never upload twice.
+        already = _accepted(api, competition, file, message)
+        if not already:
+            for trial in retry.transient_failures(f"upload of {file} to {competition!r}"):
+                with trial:
+                    # The previous try may have reached Kaggle before failing.
+                    if trial.retry_state.attempt_number > 1 and _accepted(api, competition, file, message):
+                        break
+                    response = api.competition_submit(str(file), message, competition, quiet=True)
+                    if response.message == api.COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE:
+                        raise retry.TransientError(f"upload failed: {response.message}")
     except Exception as err:  # any client failure (network, HTTP rejection) ends the same way
         raise KaggleError(
             f"{file} was not submitted to {competition!r}: {_reason(err)}. Nothing was added to {history}; "
             "run the same command again: a submission Kaggle accepted despite the error is found and recorded, "
             "not uploaded twice."
         ) from None
+    if already and _recorded(history, record):
+        return replace(record, result="already submitted")
     append_history(history, record)
     return record
 

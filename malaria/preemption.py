@@ -95,13 +95,13 @@ class SaveOnPreemption(L.Callback):
             self._previous_sigint = None
 
 
-def preempted(resume: str | None = None) -> errors.Preempted:
-    """The error for a training stopped by a signal; `resume` overrides `make train RESUME=<run>`."""
+def preempted() -> errors.Preempted:
+    """The error for a training stopped by a signal, naming `make train RESUME=<run>` when it resumes."""
     stop = SaveOnPreemption.last_stop
     if stop is None:  # stopped before the trainer was set up, or on another rank
-        return errors.Preempted("stopped by SIGTERM before training began", resume, 128 + signal.SIGTERM)
+        return errors.Preempted("stopped by SIGTERM before training began", None, 128 + signal.SIGTERM)
     run_dir = stop.checkpoint.parent.parent
-    resume = resume or (f"make train RESUME={run_dir}" if stop.checkpoint.exists() else None)
+    resume = f"make train RESUME={run_dir}" if stop.checkpoint.exists() else None
     if stop.saved:
         what = f"stopped by {stop.signal.name} at epoch {stop.epoch}, step {stop.step}; saved {stop.checkpoint}"
     else:
