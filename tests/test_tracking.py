@@ -70,7 +70,9 @@ def test_unknown_mode_is_a_clear_error(no_key: None) -> None:
         tracking.resolve_mode("sometimes")
 
 
-def test_loggers_csv_always_wandb_named_like_the_run(no_key: None, tmp_path: Path) -> None:
+def test_loggers_csv_always_wandb_named_like_the_run(no_key: None, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tracking, "server_unreachable", lambda: None)  # a reachable server, not the network
     (only,) = tracking.make_loggers(tmp_path, "r1", "disabled", "p")
     assert isinstance(only, CSVLogger)
     csv, wandb_logger = tracking.make_loggers(tmp_path, "r1", "offline", "p")
