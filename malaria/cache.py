@@ -148,6 +148,22 @@ def _is_running(pid: int) -> bool:
     return True
 
 
+def _allocate(tmp_path: Path, npy_path: Path, shape: tuple[int, ...]) -> None:
+    """Create the cache file at its full size before decoding into it.
+
+    A memory map over a sparse file on a full disk gets SIGBUS in the middle of decoding, in a
+    worker; reserving the blocks first turns that into errors.WriteError before anything is decoded."""
+    try:
+        np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=shape).flush()
+        with tmp_path.open("r+b") as file:
+            os.posix_fallocate(file.fileno(), 0, tmp_path.stat().st_size)
+    except OSError as err:
+        tmp_path.unlink(missing_ok=True)
+        if err.errno not in atomic.WRITE_ERRNOS:
+            raise
+        raise atomic.cannot_write(npy_path, err, int(np.prod(shape))) from None
+
+
 def build(table: ImageTable, size: int, cache_dir: Path, name: str, workers: int | None = None) -> Path:
     """Return the path of a valid cache for `table`, decoding the images only if needed."""
     key = cache_key(table, size)
@@ -159,7 +175,7 @@ def build(table: ImageTable, size: int, cache_dir: Path, name: str, workers: int
     cache_dir.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(npy_path)
     tmp_path = npy_path.with_name(f".{npy_path.stem}.{os.getpid()}.tmp.npy")
-    np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=shape).flush()
+    _allocate(tmp_path, npy_path, shape)
     starts = range(0, len(table), CHUNK)
     workers = workers or min(len(starts), os.cpu_count() or 1)
     try:

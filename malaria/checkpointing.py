@@ -48,7 +48,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         for abandoned in path.parent.glob(f".{path.name}.*.tmp"):  # from a save that was killed
             abandoned.unlink(missing_ok=True)
-        os.replace(stage_file(path, lambda f: torch.save(checkpoint, f), binary=True), path)
+        os.replace(stage_file(path, lambda f: torch.save(checkpoint, f), binary=True,
+                              size_hint=_tensor_bytes(checkpoint)), path)
+
+
+def _tensor_bytes(value: Any) -> int:
+    """The bytes of every tensor in a checkpoint: about its size on disk, for a full-disk error."""
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
 
 
 def _is_local(path: _PATH) -> bool:

@@ -28,6 +28,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.trainer import Trainer
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from malaria import errors, quiet, runs  # noqa: F401 (quiet: silences Lightning's noise on import)
 from malaria.checkpointing import AtomicCheckpointIO, ExactResume, LastCheckpoint, RefuseNonFiniteCheckpoints
@@ -35,6 +36,7 @@ from malaria.datamodule import MalariaDataModule
 from malaria.hardware import default_precision
 from malaria.models import default_image_size
 from malaria.module import MalariaClassifier
+from malaria.preemption import SaveOnPreemption, preempted
 from malaria.reporting import RunReport
 from malaria.tracking import MODES, WandbSaveConfig, finish_wandb, make_loggers
 
@@ -70,6 +72,7 @@ class Infrastructure:
     last_checkpoint_every_n_train_steps: int = 100  # checkpoints/last.ckpt for RESUME=; 0: none
     exact_resume: bool = True  # ExactResume: RNG states and loader position
     refuse_non_finite: bool = True  # RefuseNonFiniteCheckpoints: never save NaN weights
+    save_on_preemption: bool = True  # SaveOnPreemption: last.ckpt on SIGTERM or Ctrl-C
     lr_monitor: bool = True  # the learning rate per epoch in metrics.csv
     report: bool = True  # RunReport: figures and report.md in the run directory
 
@@ -172,6 +175,8 @@ class MalariaCLI(LightningCLI):
         infrastructure: Infrastructure = self._get(self.config_init, "infrastructure")
         recipe_callbacks = _as_list(trainer.get("callbacks"))
         callbacks = [*recipe_callbacks, *infrastructure.callbacks(recipe_callbacks), RecordEnvironment(self.run_dir)]
+        if infrastructure.save_on_preemption:  # here, not in callbacks(): it needs the run's folder now
+            callbacks.append(SaveOnPreemption(self.run_dir / "checkpoints"))
         plugins = _as_list(trainer.get("plugins"))
         plugins += infrastructure.plugins(plugins)
         if self.full_fit:
@@ -211,12 +216,17 @@ def _as_list(value: object) -> list:
 
 
 def build(args: list[str] | None = None, run: bool = True) -> MalariaCLI:
-    """Train from a recipe; with `run=False`, only build the model, data and trainer from it."""
-    return MalariaCLI(
-        MalariaClassifier,
-        MalariaDataModule,
-        save_config_callback=WandbSaveConfig,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+    """Train from a recipe; with `run=False`, only build the model, data and trainer from it.
+
+    Raises errors.Preempted when SIGTERM or SIGINT stopped the training (after saving last.ckpt)."""
+    try:
+        return MalariaCLI(
+            MalariaClassifier,
+            MalariaDataModule,
+            save_config_callback=WandbSaveConfig,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+        )
+    except SIGTERMException:  # a SystemExit with no status: it would end the process with 0
+        raise preempted() from None

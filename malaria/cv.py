@@ -11,6 +11,7 @@ Each fold is an ordinary run (`runs/<name>-fold<i>/`), so its checkpoint can joi
 from __future__ import annotations
 
 import argparse
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,13 +28,25 @@ from malaria.slide_errors import describe_errors
 
 
 def run_fold(config: str, k: int, fold: int, name: str, runs_dir: Path, overrides: Sequence[str]) -> Path:
-    """Train one fold as its own run; an already finished fold is reused, so a CV resumes."""
+    """Train one fold as its own run; an already finished fold is reused and an interrupted one
+    resumed from its last.ckpt, so a CV resumes."""
     run_dir = runs_dir / f"{name}-fold{fold}"
-    if not (run_dir / "summary.json").exists():
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if (run_dir / "summary.json").exists():
+        return run_dir
+    if last.exists():  # what `make train RESUME=<fold>` runs
+        build(["fit", "--config", str(run_dir / "config.yaml"), "--ckpt_path", str(last)])
+    else:
         build(["fit", "--config", config, "--data.split", "slide",
-                    "--data.val_fraction", str(1 / k), "--data.fold", str(fold),
-                    "--run", run_dir.name, "--runs_dir", str(runs_dir), *overrides])
+               "--data.val_fraction", str(1 / k), "--data.fold", str(fold),
+               "--run", run_dir.name, "--runs_dir", str(runs_dir), *overrides])
     return run_dir
+
+
+def resume_command(args: argparse.Namespace, name: str, overrides: Sequence[str]) -> str:
+    """The `make cv` that finishes this CV: the same folds, the interrupted one resumed."""
+    flags = shlex.join(["--name", name, "--runs_dir", str(args.runs_dir), *overrides])
+    return f"make cv K={args.k} CONFIG={args.config} ARGS={shlex.quote(flags)}"
 
 
 def summarise(per_fold: pd.DataFrame, split: splits.Split = "slide") -> Table:
@@ -60,7 +73,10 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
 
     rows, oof, fold_dirs = [], [], []
     for fold in range(args.k):
-        run_dir = run_fold(args.config, args.k, fold, name, args.runs_dir, overrides)
+        try:
+            run_dir = run_fold(args.config, args.k, fold, name, args.runs_dir, overrides)
+        except errors.Preempted as stop:
+            raise errors.Preempted(stop.what, resume_command(args, name, overrides), stop.exit_status) from None
         fold_dirs.append(str(run_dir))
         model, datamodule = load(runs.checkpoint(run_dir))
         val = predict_split(model, datamodule, split="val")

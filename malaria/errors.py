@@ -29,11 +29,27 @@ class ConfigError(UserError, ValueError):
     """A recipe or flag that cannot work."""
 
 
+class WriteError(UserError, OSError):
+    """An output could not be written (no space left, a read-only folder); nothing before it changed."""
+
+
+class Preempted(Exception):
+    """Training stopped by SIGTERM or SIGINT after saving its state (`malaria.preemption`)."""
+
+    def __init__(self, what: str, resume: str | None, exit_status: int) -> None:
+        super().__init__(f"{what}; resume with `{resume}`" if resume else what)
+        self.what, self.resume, self.exit_status = what, resume, exit_status
+
+
 def run(main: Callable[[], Any]) -> NoReturn:
-    """Call an entry point's `main`; a UserError ends it with `error: <message>` and exit status 1."""
+    """Call an entry point's `main`; a UserError ends it with `error: <message>` and exit status 1,
+    a preemption with its one line and 128 + the signal's number."""
     try:
         main()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    except Preempted as stop:
+        print(stop, file=sys.stderr)
+        sys.exit(stop.exit_status)
     sys.exit(0)

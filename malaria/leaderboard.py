@@ -1,8 +1,10 @@
 """Fetch the competition files from Kaggle and send submissions to its leaderboard.
 
-Uses the official `kaggle` client. Every attempt to submit, dry runs included, is appended to
-`submissions/history.csv` with the file's sha256, so a leaderboard score can always be traced
-back to the exact CSV, run and config that produced it.
+Uses the official `kaggle` client. Every submission Kaggle accepted, and every dry run, is appended
+to `submissions/history.csv` with the file's sha256, so a leaderboard score can always be traced
+back to the exact CSV, run and config that produced it. Transient failures are retried with
+backoff; before each retry, and before a rerun uploads, Kaggle's list of submissions is checked
+for this file and message, so an upload whose reply was lost is recorded, not repeated.
 
     python -m malaria.leaderboard download [--competition X] [--data.data_dir data]
     python -m malaria.leaderboard submit [--file F] [--message M] [--dry_run] [--competition X]
@@ -19,7 +21,7 @@ import json
 import os
 import shutil
 import zipfile
-from dataclasses import astuple, dataclass, fields
+from dataclasses import astuple, dataclass, fields, replace
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path, PurePosixPath
@@ -30,7 +32,7 @@ import yaml
 
 from malaria.archive import DEMO_SUBDIR, LABEL_CSVS, SAMPLE_SUBMISSION, TEST_ZIP, TRAIN_ZIP
 from malaria.atomic import replace_file, stage_file
-from malaria import errors
+from malaria import errors, retry
 from malaria.errors import UserError
 from malaria.submit import (
     HISTORY_NAME,
@@ -251,7 +253,10 @@ def submit(
     """Validate a submission against the sample submission, upload it, and log the attempt.
 
     `file` defaults to the newest CSV next to `history`; `message` to a summary of the sidecar.
-    A dry run does all of it but the upload. A failed upload is logged and raised as KaggleError.
+    A dry run does all of it but the upload. Transient failures (timeouts, HTTP 429 and 5xx) are
+    retried with backoff (`malaria.retry`); the history records only what Kaggle accepted, so a
+    failure is a KaggleError and no row, and rerunning the same submit neither uploads twice nor
+    loses the record.
     """
     history = Path(history)
     file = Path(file) if file is not None else newest_submission(history.parent)
@@ -272,21 +277,48 @@ def submit(
         append_history(history, record)
         return record
 
-    failure = None
+    api = api or connect()
+    message = attempt["message"]
+    record = SubmissionRecord(**attempt, result="submitted")
     try:
-        api = api or connect()
-        response = api.competition_submit(str(file), attempt["message"], competition, quiet=True)
-        if response.message == api.COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE:
-            failure = f"upload failed: {response.message}"
-    except KaggleError as err:
-        failure = str(err)
-    except Exception as err:  # any client failure (network, HTTP rejection) must still reach the history
-        failure = _reason(err)
-    record = SubmissionRecord(**attempt, result=f"failed: {failure}" if failure else "submitted")
+        # A rerun after a reply that never came, or of a submission already made: never upload twice.
+        already = _accepted(api, competition, file, message)
+        if not already:
+            for trial in retry.transient_failures(f"upload of {file} to {competition!r}"):
+                with trial:
+                    # The previous try may have reached Kaggle before failing.
+                    if trial.retry_state.attempt_number > 1 and _accepted(api, competition, file, message):
+                        break
+                    response = api.competition_submit(str(file), message, competition, quiet=True)
+                    if response.message == api.COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE:
+                        raise retry.TransientError(f"upload failed: {response.message}")
+    except Exception as err:  # any client failure (network, HTTP rejection) ends the same way
+        raise KaggleError(
+            f"{file} was not submitted to {competition!r}: {_reason(err)}. Nothing was added to {history}; "
+            "run the same command again: a submission Kaggle accepted despite the error is found and recorded, "
+            "not uploaded twice."
+        ) from None
+    if already and _recorded(history, record):
+        return replace(record, result="already submitted")
     append_history(history, record)
-    if failure:
-        raise KaggleError(f"{file} was not submitted to {competition!r} (attempt logged in {history}): {failure}")
     return record
+
+
+def _accepted(api: Any, competition: str, file: Path, message: str) -> bool:
+    """Whether Kaggle lists a submission of this file (by name) with this message, among the latest."""
+    for trial in retry.transient_failures(f"listing the submissions to {competition!r}"):
+        with trial:
+            listed = api.competition_submissions(competition) or []
+    return any(s is not None and s.file_name == file.name and (s.description or "") == message for s in listed)
+
+
+def _recorded(history: Path, record: SubmissionRecord) -> bool:
+    """Whether the history already holds this file's upload with this message."""
+    if not history.is_file():
+        return False
+    with history.open(newline="", encoding="utf-8") as handle:
+        return any(row.get("sha256") == record.sha256 and row.get("message") == record.message
+                   and row.get("result") == "submitted" for row in csv.DictReader(handle))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -28,7 +28,7 @@ from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
 from torch import nn
 
-from malaria import tracking
+from malaria import errors, tracking
 from malaria.atomic import replace_file, write_text
 from malaria.datamodule import MalariaDataModule
 from malaria.inference import predict_split
@@ -401,6 +401,8 @@ class RunReport(Callback):
         run_dir = Path(trainer.default_root_dir)
         try:
             report = self.build(trainer, pl_module, run_dir)
+        except errors.WriteError:  # a full disk stops the verb: the user has to act
+            raise
         except Exception:
             log.exception("Could not build the run report; the run itself is complete. "
                           "Retry with `python -m malaria.report --run %s`.", run_dir)

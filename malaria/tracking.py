@@ -4,6 +4,10 @@ W&B runs offline unless the user has an API key, so training never needs the net
 offline run is uploaded later with `wandb sync runs/<name>/wandb/offline-run-*`. The W&B run's
 name and id are the run directory's name, so a resumed run continues the same W&B run online.
 (W&B cannot resume offline: each offline session gets its own `offline-run-*` folder, same id.)
+
+Tracking degrades, it never stops a run: with a key but no reachable server (no network, a firewall,
+a server down), the run says so in one line and logs offline, to be synced later. The CSV log
+never depends on W&B.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+import requests
 import yaml
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch import LightningModule, Trainer
@@ -28,6 +33,10 @@ MODES = ("auto", "online", "offline", "disabled")
 # Older spellings that wandb still accepts in WANDB_MODE; Lightning's WandbLogger itself sets
 # WANDB_MODE=dryrun for an offline run, so a second run in the same process reads that.
 ALIASES = {"dryrun": "offline", "run": "online"}
+# How long the server may take to answer before a run logs offline instead. wandb.init itself
+# retries an unreachable server for 40 s or more whatever its init_timeout (wandb 0.31), and then
+# fails the run; this answer bounds the wait and lets the run go on.
+REACH_SECONDS = 10.0
 
 
 def has_wandb_key() -> bool:
@@ -75,6 +84,56 @@ class ResumableCSVLogger(CSVLogger):
         return self._experiment
 
 
+def server_unreachable(timeout: float = REACH_SECONDS) -> str | None:
+    """Why W&B's server (WANDB_BASE_URL or the host of `wandb login`) cannot be reached, or None.
+
+    Any HTTP answer, an error status included, means the server is there: what follows is W&B's
+    business. Only a failure to connect or to answer in time counts."""
+    import wandb
+
+    # Settings read as wandb.init reads them, without wandb.setup(), which would fix this process's
+    # W&B mode before Lightning can switch it to offline.
+    settings = wandb.Settings()
+    settings.update_from_system_settings()
+    settings.update_from_env_vars(dict(os.environ))
+    url = settings.base_url
+    try:
+        requests.head(url, timeout=timeout, allow_redirects=False)
+    except requests.RequestException as err:
+        reason = f"no answer within {timeout:.0f} s" if isinstance(err, requests.Timeout) else type(err).__name__
+        return f"{url}: {reason}"
+    return None
+
+
+def offline_notice(run_dir: Path, reason: str) -> None:
+    """The one line a run prints when it falls back to offline logging."""
+    log.warning(f"W&B: cannot reach the server ({reason}); logging offline into {run_dir}/wandb/ "
+                f"and training on. Upload later with `wandb sync {run_dir}/wandb/offline-run-*`.")
+
+
+class FallbackWandbLogger(WandbLogger):
+    """A WandbLogger whose run, if wandb.init fails online, is started offline instead.
+
+    `server_unreachable` catches the common case before training starts; this catches a server
+    that answers but refuses or drops the run (an expired key, a server error) when Lightning
+    first touches the experiment."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):  # noqa: ANN201 (wandb's Run, imported lazily as Lightning does)
+        try:
+            return super().experiment
+        except Exception as err:  # wandb raises CommError, AuthenticationError, UsageError, ...
+            if self._offline:  # nothing left to fall back to
+                raise
+            import wandb
+
+            wandb.teardown()  # the failed online run still holds its id in W&B's service process
+            offline_notice(Path(self.save_dir), f"{type(err).__name__}: {' '.join(str(err).split())[:200]}")
+            self._offline, self._log_model = True, False
+            return super().experiment
+
+
 def make_wandb_logger(run_dir: Path, run_name: str, wandb_mode: str, project: str) -> WandbLogger | None:
     """A W&B logger writing under run_dir/wandb/, or None when W&B is disabled.
 
@@ -82,10 +141,13 @@ def make_wandb_logger(run_dir: Path, run_name: str, wandb_mode: str, project: st
     mode = resolve_mode(wandb_mode)
     if mode == "disabled":
         return None
+    if mode == "online" and (reason := server_unreachable()) is not None:
+        offline_notice(run_dir, reason)
+        mode = "offline"
     # W&B looks for the git repository from save_dir, which does not exist yet when it starts
     # ("git root ... does not exist"): the code's commit is that of the working directory, as in
     # environment.json.
-    return WandbLogger(
+    return FallbackWandbLogger(
         name=run_name, id=run_name, project=project, save_dir=str(run_dir), offline=mode == "offline",
         resume="allow", log_model=mode == "online", settings={"git_root": os.getcwd()},
     )

@@ -70,13 +70,14 @@ class Result:
 
 
 def run_commands(commands: list[tuple[str, list[str], Path]], logs: Path, parallel: int = 2,
-                 timeout: float = 600) -> list[Result]:
-    """Run each (module, args, cwd) as `python -m module *args` in cwd; their outputs go through `logs`."""
+                 timeout: float = 600, pythonpath: tuple[Path, ...] = ()) -> list[Result]:
+    """Run each (module, args, cwd) as `python -m module *args` in cwd; their outputs go through `logs`.
+    `pythonpath` comes before the repository (a `sitecustomize.py` there runs first, as in tests/faults/)."""
     logs.mkdir(parents=True, exist_ok=True)
     jobs = [{"module": module, "args": list(args), "cwd": str(cwd),
              "stdout": str(logs / f"{i}.out"), "stderr": str(logs / f"{i}.err")}
             for i, (module, args, cwd) in enumerate(commands)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in (*pythonpath, REPO))}
     server = subprocess.run([sys.executable, "-c", SERVER, json.dumps(PRELOAD), str(parallel)],
                             input=json.dumps(jobs), env=env, capture_output=True, text=True, timeout=timeout)
     assert server.returncode == 0, server.stderr[-3000:]

@@ -1,10 +1,15 @@
 import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
+import torch
 
-from malaria import cv, splits
+from malaria import cv, errors, splits
+from malaria.module import MalariaClassifier
 
 from conftest import TINY
 
@@ -45,3 +50,28 @@ def test_random_cross_validation_splits_cells_of_a_slide(demo_dir: Path, tmp_pat
     assert any(len(set(oof["fold"][slides == s])) == 2 for s in set(slides))
     assert json.loads((tmp_path / "r-cv.json").read_text())["split"] == "random"
     assert "Cell-level (random) cross-validation" in capsys.readouterr().out
+
+
+def test_a_cv_stopped_by_sigterm_names_its_resume_and_finishes_from_there(
+        demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM while fold 1 trains: last.ckpt, a `make cv` line that resumes, and the rerun finishes the
+    interrupted fold from its last.ckpt rather than refusing its checkpoints folder."""
+    step = MalariaClassifier.training_step
+
+    def preempted_in_fold_1(self: MalariaClassifier, batch, batch_idx: int):
+        if self.trainer.default_root_dir.endswith("fold1") and self.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler notes it; the batch finishes
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(MalariaClassifier, "training_step", preempted_in_fold_1)
+    args = ["--k", "2", "--name", "p", "--runs_dir", str(tmp_path), "--data.data_dir", str(demo_dir), *TINY_CV]
+    with pytest.raises(errors.Preempted) as stopped:
+        cv.main(args)
+    last = tmp_path / "p-fold1" / "checkpoints" / "last.ckpt"
+    assert str(stopped.value).startswith(f"stopped by SIGTERM at epoch 0, step 3; saved {last}; resume with `make cv K=2")
+    assert "--name p" in stopped.value.resume and stopped.value.exit_status == 128 + signal.SIGTERM
+    assert torch.load(last, weights_only=False)["global_step"] == 3
+
+    monkeypatch.setattr(MalariaClassifier, "training_step", step)
+    assert cv.main(args)["fold"].tolist() == [0, 1]
+    assert json.loads((tmp_path / "p-fold1" / "summary.json").read_text())["epochs"] == 1

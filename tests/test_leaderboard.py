@@ -5,19 +5,23 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import os
 import shutil
 import sys
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import requests
+from commands import run_commands
 
-from malaria import errors, leaderboard
+from malaria import errors, leaderboard, retry
 from malaria.leaderboard import KaggleError, connect, default_competition, download, main, submit
 from malaria.submit import SubmissionError, write_submission
 
+FAKES = Path(__file__).resolve().parent / "fakes"
 IDS = ["t1.png", "t2.png", "t3.png"]
 COMPETITION = "fake-malaria"
 OUTER_FILES = ("train_data.zip", "train_labels.csv", "test_data.zip", "sample_submission.csv")
@@ -64,6 +68,33 @@ class FakeKaggleApi:
             raise self.error
         self.submissions.append((file_name, message, competition))
         return type("Response", (), {"message": self.reply})()
+
+    def competition_submissions(self, competition: str) -> list:
+        """What Kaggle lists: the uploads it accepted (a failed upload reply accepts nothing)."""
+        if self.reply == self.COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE:
+            return []
+        return [SimpleNamespace(file_name=Path(f).name, description=m) for f, m, c in self.submissions
+                if c == competition]
+
+
+class FlakyKaggleApi(FakeKaggleApi):
+    """Fails the first uploads as `failures` says: an exception, or "lost" (accepted, then the reply
+    times out)."""
+
+    def __init__(self, *failures: Exception | str) -> None:
+        super().__init__()
+        self.failures = list(failures)
+        self.calls = 0
+
+    def competition_submit(self, file_name: str, message: str, competition: str, quiet: bool = False):
+        self.calls += 1
+        failure = self.failures.pop(0) if self.failures else None
+        if isinstance(failure, Exception):
+            raise failure
+        response = super().competition_submit(file_name, message, competition, quiet)
+        if failure == "lost":
+            raise requests.ReadTimeout("read timed out")
+        return response
 
 
 def _http_error(status: int, text: str) -> requests.HTTPError:
@@ -148,24 +179,64 @@ def test_submit_defaults_to_newest_csv(data_dir: Path, history: Path) -> None:
     assert api.submissions == [(str(old), "old.csv", COMPETITION), (str(old), "second", COMPETITION)]
 
 
-def test_history_is_appended_and_survives_a_rejection(data_dir: Path, history: Path) -> None:
+def test_a_rejection_is_an_error_and_no_history_row(data_dir: Path, history: Path) -> None:
     file = _submission(history)
     before = file.read_bytes()
     submit(file, "first", COMPETITION, data_dir, api=FakeKaggleApi(), history=history)
-    rejecting = FakeKaggleApi(error=_http_error(429, "daily submission limit reached"))
-    with pytest.raises(KaggleError, match="not submitted.*logged in.*HTTP 429: daily submission limit reached"):
+    rejecting = FakeKaggleApi(error=_http_error(403, "rules not accepted"))
+    with pytest.raises(KaggleError, match="not submitted.*HTTP 403: rules not accepted.*Nothing was added"):
         submit(file, "second", COMPETITION, data_dir, api=rejecting, history=history)
-    rows = _history_rows(history)
-    assert [(r["message"], r["result"][:11]) for r in rows] == [("first", "submitted"), ("second", "failed: HTT")]
+    assert [(r["message"], r["result"]) for r in _history_rows(history)] == [("first", "submitted")]
     assert file.read_bytes() == before
 
 
-def test_failed_upload_reply_is_a_failure(data_dir: Path, history: Path) -> None:
+def test_failed_upload_reply_is_a_failure(data_dir: Path, history: Path, no_waiting: None) -> None:
     api = FakeKaggleApi()
     api.reply = api.COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE
     with pytest.raises(KaggleError, match="upload failed"):
         submit(_submission(history), None, COMPETITION, data_dir, api=api, history=history)
-    assert _history_rows(history)[0]["result"].startswith("failed: upload failed")
+    assert len(api.submissions) == retry.ATTEMPTS and not history.exists()
+
+
+@pytest.fixture
+def no_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(retry, "FIRST_WAIT_S", 0)
+
+
+def test_transient_failures_are_retried_into_one_submission(data_dir: Path, history: Path, no_waiting: None) -> None:
+    api = FlakyKaggleApi(requests.ConnectTimeout("connect timed out"), _http_error(503, "unavailable"))
+    file = _submission(history)
+    assert submit(file, "m", COMPETITION, data_dir, api=api, history=history).result == "submitted"
+    assert api.calls == 3 and api.submissions == [(str(file), "m", COMPETITION)]
+    assert [r["result"] for r in _history_rows(history)] == ["submitted"]
+
+
+def test_an_upload_whose_reply_was_lost_is_recorded_not_repeated(data_dir: Path, history: Path,
+                                                                 no_waiting: None) -> None:
+    api = FlakyKaggleApi("lost")
+    file = _submission(history)
+    submit(file, "m", COMPETITION, data_dir, api=api, history=history)
+    assert api.calls == 1 and len(api.submissions) == 1 and len(_history_rows(history)) == 1
+
+
+def test_a_rerun_after_a_final_failure_submits_once_and_records_once(data_dir: Path, history: Path,
+                                                                     no_waiting: None) -> None:
+    file = _submission(history)
+    down = FlakyKaggleApi(*[_http_error(502, "bad gateway")] * retry.ATTEMPTS)
+    with pytest.raises(KaggleError, match=f"HTTP 502: bad gateway.*Nothing was added to {history}"):
+        submit(file, "m", COMPETITION, data_dir, api=down, history=history)
+    assert down.calls == retry.ATTEMPTS and not history.exists()
+    api = FlakyKaggleApi()
+    assert submit(file, "m", COMPETITION, data_dir, api=api, history=history).result == "submitted"
+    assert submit(file, "m", COMPETITION, data_dir, api=api, history=history).result == "already submitted"
+    assert api.calls == 1 and len(_history_rows(history)) == 1
+
+
+def test_a_bad_token_is_not_retried(data_dir: Path, history: Path, no_waiting: None) -> None:
+    api = FlakyKaggleApi(_http_error(401, "unauthenticated"))
+    with pytest.raises(KaggleError, match="HTTP 401"):
+        submit(_submission(history), "m", COMPETITION, data_dir, api=api, history=history)
+    assert api.calls == 1
 
 
 def test_invalid_csv_is_never_uploaded(data_dir: Path, history: Path) -> None:
@@ -193,7 +264,7 @@ def test_a_demo_only_data_dir_points_to_the_demo_sample(data_dir: Path, history:
     assert record.result == "dry-run"
 
 
-def test_missing_credentials_are_logged_as_a_failure(
+def test_missing_credentials_are_an_error_not_a_history_row(
     data_dir: Path, history: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def no_credentials() -> None:
@@ -202,7 +273,7 @@ def test_missing_credentials_are_logged_as_a_failure(
     monkeypatch.setattr(leaderboard, "connect", no_credentials)
     with pytest.raises(KaggleError, match="KAGGLE_API_TOKEN"):
         submit(_submission(history), None, COMPETITION, data_dir, history=history)
-    assert _history_rows(history)[0]["result"].startswith("failed: No usable Kaggle credentials")
+    assert not history.exists()  # the history holds only what Kaggle accepted
 
 
 @pytest.fixture
@@ -301,3 +372,33 @@ def test_cli_download_and_submit_through_the_client(
     assert capsys.readouterr().out.startswith(f"submitted: {file} -> {COMPETITION} ('cli')")
     assert api.submissions == [(str(file), "cli", COMPETITION)]
     assert sorted(p.name for p in history.parent.iterdir()) == ["history.csv", "run-a.csv"]  # no temp files left
+
+
+@pytest.mark.slow  # three child processes, 3 s of backoff: ~20 s
+def test_make_submit_against_a_failing_kaggle_submits_once(data_dir: Path, history: Path, tmp_path: Path) -> None:
+    """`make submit`'s command in child processes, the kaggle client replaced by tests/fakes/kaggle."""
+    file = _submission(history)
+    state = tmp_path / "kaggle_fake.json"
+    state.write_text(json.dumps({"failures": ["timeout", "503"], "accepted": []}))
+    args = ["submit", "--file", str(file), "--message", "m", "--competition", COMPETITION,
+            "--data.data_dir", str(data_dir), "--history", str(history)]
+    (first,) = run_commands([("malaria.leaderboard", args, tmp_path)], tmp_path / "logs", pythonpath=(FAKES,))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith(f"submitted: {file} -> {COMPETITION} ('m')")
+    assert first.stderr.count("failed (") == 2 and "attempt 3 of 4" in first.stderr  # the two retries, said
+    assert len(json.loads(state.read_text())["accepted"]) == 1
+    assert [r["result"] for r in _history_rows(history)] == ["submitted"]
+
+    # All four tries fail: one paragraph, no row; the rerun's upload is lost in flight, then found.
+    other = _submission(history, "run-b.csv")
+    state.write_text(json.dumps({"failures": ["500"] * retry.ATTEMPTS + ["lost"], "accepted": []}))
+    other_args = [*args[:2], str(other), *args[3:]]
+    failed, rerun = run_commands([("malaria.leaderboard", other_args, tmp_path)] * 2, tmp_path / "logs2",
+                                 parallel=1, pythonpath=(FAKES,))
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    (paragraph,) = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
+    assert f"{other} was not submitted to {COMPETITION!r}: HTTP 500" in paragraph
+    assert rerun.returncode == 0, rerun.stderr
+    assert [a["file_name"] for a in json.loads(state.read_text())["accepted"]] == ["run-b.csv"]
+    assert [(r["file"], r["result"]) for r in _history_rows(history)] == [(str(file), "submitted"),
+                                                                          (str(other), "submitted")]

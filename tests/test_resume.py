@@ -103,8 +103,10 @@ def steps_per_epoch(run_dir: Path) -> int:
     return load(run_dir / "checkpoints" / "last.ckpt")["global_step"] // EPOCHS
 
 
-def kill_when(command: list[str], last: Path, wanted: Callable[[int], bool], log: Path) -> None:
-    """Run `command`; SIGKILL it as soon as it has saved `last` at a global step that is `wanted`."""
+def kill_when(command: list[str], last: Path, wanted: Callable[[int], bool], log: Path,
+              sig: signal.Signals = signal.SIGKILL, times: int = 1) -> None:
+    """Run `command`; send it `sig` (`times` in a row) as soon as it has saved `last` at a global step
+    that is `wanted`. A SIGKILL must kill it; SIGTERM and SIGINT must end it with 128 + the signal."""
     seen = None
     with log.open("w") as output:
         child = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
@@ -115,11 +117,13 @@ def kill_when(command: list[str], last: Path, wanted: Callable[[int], bool], log
             if stamp is not None and stamp != seen:
                 seen = stamp
                 if wanted(load(last)["global_step"]):
-                    child.send_signal(signal.SIGKILL)
+                    for _ in range(times):
+                        child.send_signal(sig)
                     break
             time.sleep(0.005)
         child.wait()
-    assert child.returncode == -signal.SIGKILL, f"training was not killed mid-run:\n{log.read_text()[-3000:]}"
+    expected = -signal.SIGKILL if sig == signal.SIGKILL else 128 + sig
+    assert child.returncode == expected, f"training was not stopped mid-run:\n{log.read_text()[-3000:]}"
 
 
 def test_training_killed_mid_epoch_resumes_to_identical_weights_and_metrics(

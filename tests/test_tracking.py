@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
+from commands import REPO, run_commands
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from malaria import runs, tracking, train
@@ -66,7 +70,9 @@ def test_unknown_mode_is_a_clear_error(no_key: None) -> None:
         tracking.resolve_mode("sometimes")
 
 
-def test_loggers_csv_always_wandb_named_like_the_run(no_key: None, tmp_path: Path) -> None:
+def test_loggers_csv_always_wandb_named_like_the_run(no_key: None, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tracking, "server_unreachable", lambda: None)  # a reachable server, not the network
     (only,) = tracking.make_loggers(tmp_path, "r1", "disabled", "p")
     assert isinstance(only, CSVLogger)
     csv, wandb_logger = tracking.make_loggers(tmp_path, "r1", "offline", "p")
@@ -187,3 +193,80 @@ def test_offline_run_holds_config_metrics_report_and_resumes_the_same_run(
     sessions = sorted(run.glob("wandb/offline-run-*-wb"))
     assert len(sessions) == 2  # W&B keeps one folder per offline session, under the same run id
     assert summarise(read_wandb_log(sessions[-1] / "run-wb.wandb"))["run"] == ("wb", "wb")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tracking degrades, never fails (issue 31): a key with no reachable server logs offline
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on: bound by the OS, then released."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def unreachable_server(no_key: None, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A (fake) API key and a W&B server URL that refuses every connection: never a real host."""
+    url = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", url)
+    return url
+
+
+def test_an_unreachable_server_is_detected_quickly(unreachable_server: str) -> None:
+    started = time.monotonic()
+    assert tracking.server_unreachable() == f"{unreachable_server}: ConnectionError"
+    assert time.monotonic() - started < tracking.REACH_SECONDS
+
+
+@pytest.mark.slow  # one tiny fit in a child process, one W&B service start-up: ~20 s
+def test_a_run_with_an_unreachable_server_trains_on_offline(
+        unreachable_server: str, demo_dir: Path, tmp_path: Path) -> None:
+    runs_dir = tmp_path / "runs"
+    started = time.monotonic()
+    (result,) = run_commands([("malaria.train", ["fit", *TINY, "--data.data_dir", str(demo_dir), "--runs_dir",
+                                                 str(runs_dir), "--run", "wb", "--wandb.mode", "online"], REPO)],
+                             tmp_path / "logs", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert time.monotonic() - started < 240  # wandb.init alone retried an unreachable server for 106 s
+    run = runs_dir / "wb"
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "metrics.csv").is_file()
+    (offline,) = run.glob("wandb/offline-run-*-wb")
+    assert (offline / "run-wb.wandb").is_file()
+    (notice,) = [line for line in result.stderr.splitlines() if "cannot reach the server" in line]
+    assert unreachable_server in notice and "wandb sync" in notice
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow  # two W&B service start-ups: ~10 s
+def test_a_run_wandb_refuses_online_starts_offline(no_key: None, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """The server answers but wandb.init fails (an expired key, a server error): offline all the same."""
+    import wandb
+
+    monkeypatch.setattr(tracking, "server_unreachable", lambda: None)
+    init = wandb.init
+    calls = []
+
+    def refused_online(**kwargs):
+        calls.append(os.environ.get("WANDB_MODE"))
+        if len(calls) == 1:
+            raise wandb.errors.CommError("Failed to get resume status for run r1: context deadline exceeded")
+        return init(**kwargs)
+
+    monkeypatch.setattr(wandb, "init", refused_online)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    logger = tracking.make_wandb_logger(tmp_path, "r1", "online", "p")
+    try:
+        with caplog.at_level(logging.WARNING, logger="malaria.tracking"):
+            run = logger.experiment
+        assert run.offline and logger._log_model is False
+    finally:
+        wandb.finish()
+        wandb.teardown()
+    assert calls == [None, "dryrun"]  # once online, then offline as Lightning spells it
+    assert "CommError: Failed to get resume status" in caplog.text
+    assert list(tmp_path.glob("wandb/offline-run-*-r1"))
