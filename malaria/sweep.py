@@ -31,6 +31,7 @@ import socket
 import time
 import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -41,6 +42,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
+from filelock import FileLock  # noqa: E402
 from lightning.pytorch import LightningModule, Trainer  # noqa: E402
 from optuna.distributions import distribution_to_json  # noqa: E402
 from optuna.samplers import BaseSampler, TPESampler  # noqa: E402
@@ -106,18 +108,22 @@ class TrialPruning(PyTorchLightningPruningCallback):
         finish_wandb(trainer.loggers)
 
 
-def storage_for(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
-    """An RDB store for a URL (SQLite, PostgreSQL, MySQL...), with a heartbeat so that a trial
-    whose process died is failed; Optuna's journal file for a plain path."""
+def make_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
+    """An RDB store for a URL (SQLite, PostgreSQL, MySQL...) with a heartbeat, so that a trial whose
+    process died is failed; Optuna's journal file for a plain path (no heartbeat there)."""
     if "://" not in url:
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
     # SQLite locks the whole file per write: with several local workers, wait for it, don't fail.
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat,
-                                      grace_period=3 * heartbeat)
+    # Two local workers starting together would both create the tables of a new SQLite file.
+    lock = FileLock(url.removeprefix("sqlite:///") + ".lock") if url.startswith("sqlite:///") else nullcontext()
+    with lock:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat,
+                                          grace_period=3 * heartbeat)
 
 
 def open_study(name: str, storage: optuna.storages.BaseStorage, seed: int) -> optuna.Study:
+    """The study `name`, created by the first worker to come and joined by the others."""
     return optuna.create_study(
         study_name=name, storage=storage, direction="maximize", load_if_exists=True,
         sampler=TrialSeededTPE(seed),
@@ -249,7 +255,6 @@ def report(study: optuna.Study, study_dir: Path, recipe: search_space.RecipePars
     from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances
 
     study_dir.mkdir(parents=True, exist_ok=True)
-    console = Console()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # a dead worker's trial, once its grace is over
@@ -262,17 +267,16 @@ def report(study: optuna.Study, study_dir: Path, recipe: search_space.RecipePars
         if len(complete) >= 2:
             save_figure(plot_param_importances(study, target_name="val/acc"), study_dir / "importances.png")
         else:
-            console.print("Parameter importances need two complete trials.")
+            print("Parameter importances need two complete trials.")
     if complete and recipe is not None:
         best = study.best_trial
         header = (f"# Best trial {best.number} of study {study.study_name}: val/acc {best.value:.4f} "
                   f"(run {best.user_attrs.get('run')}).\n# {recipe.config} "
                   f"{' '.join(recipe.overrides)} with {best.params}\n")
         write_text(study_dir / "best.yaml", header + recipe.dump(best.params))
-        console.print(f"Best trial {best.number}: val/acc {best.value:.4f}. Train it: "
-                      f"make train CONFIG={study_dir / 'best.yaml'}", highlight=False)
-    console.print(f"Study {study.study_name}: {study_dir}/ (trials.csv, history.png, importances.png, best.yaml)",
-                  highlight=False)
+        print(f"Best trial {best.number}: val/acc {best.value:.4f}. Train it: "
+              f"make train CONFIG={study_dir / 'best.yaml'}")
+    print(f"Study {study.study_name}: {study_dir}/ (trials.csv, history.png, importances.png, best.yaml)")
     return table
 
 
@@ -302,8 +306,11 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     url = args.storage or f"sqlite:///{study_dir / 'study.db'}"
 
     if args.trials == 0:
+        local_file = url.removeprefix("sqlite:///")  # a journal path, or an SQLite file's
+        if "://" not in local_file and not Path(local_file).exists():
+            raise errors.MissingError(f"No study {name}: {local_file} does not exist.")
         try:
-            study = optuna.load_study(study_name=name, storage=storage_for(url, args.heartbeat))
+            study = optuna.load_study(study_name=name, storage=make_storage(url, args.heartbeat))
         except KeyError:
             raise errors.MissingError(f"No study {name} in {url}.") from None
         recorded = study.user_attrs
@@ -317,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     if recipe.base["data.val_fraction"] == 0:
         raise errors.ConfigError("A sweep scores trials on the holdout: data.val_fraction must be above 0.")
     study_dir.mkdir(parents=True, exist_ok=True)
-    study = open_study(name, storage_for(url, args.heartbeat), args.seed)
+    study = open_study(name, make_storage(url, args.heartbeat), args.seed)
     check_same_sweep(study, {
         "config": args.config, "overrides": overrides, "space_file": str(space_file),
         "recipe": recipe.resolved(), "space": {k: distribution_to_json(d) for k, d in space.items()},
