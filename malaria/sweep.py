@@ -168,6 +168,9 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         params = {key: search_space.suggest(trial, key, dist) for key, dist in self.space.items()}
         run = f"{self.study_name}-trial{trial.number}"
+        if (self.runs_dir / run / "checkpoints").exists():
+            raise errors.ExistsError(f"{self.runs_dir / run} is a trial of an earlier study named "
+                                     f"{self.study_name}: start this one with another STUDY=<name>.")
         trial.set_user_attr("run", run)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         args = ["fit", "--config", self.recipe.config, *TRIAL_DEFAULTS, *self.recipe.overrides,
