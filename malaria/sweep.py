@@ -241,9 +241,7 @@ def _cell(value: object) -> str:
 def print_wide(view: Table) -> None:
     """Print a table whole: off a terminal (a log, a pipe) rich would squeeze it to 80 columns."""
     console = Console()
-    if not console.is_terminal:
-        console = Console(width=max(console.width, console.measure(view).maximum))
-    console.print(view)
+    (console if console.is_terminal else Console(width=10_000)).print(view)
 
 
 def save_figure(axes: Any, path: Path) -> None:
