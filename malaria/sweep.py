@@ -331,13 +331,14 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         "recipe": recipe.resolved(), "space": {k: distribution_to_json(d) for k, d in space.items()},
     })
     remaining = args.trials - len(study.get_trials(deepcopy=False, states=COUNTED))
-    deadline = time.time() + 60 * args.budget if args.budget else None
+    budget = 60 * args.budget if args.budget else None  # seconds: no new trial after, none running past
+    deadline = time.time() + budget if budget else None
     objective = Objective(name, recipe, space, args.runs_dir, args.trial_minutes, deadline)
     interrupted = False
     if remaining > 0:
         try:
             with mock.patch.dict(os.environ, {"WANDB_RUN_GROUP": name}):
-                study.optimize(objective, n_trials=remaining, timeout=60 * args.budget if args.budget else None,
+                study.optimize(objective, n_trials=remaining, timeout=budget,
                                callbacks=[optuna.study.MaxTrialsCallback(args.trials, states=COUNTED)],
                                catch=(FloatingPointError, NoHoldoutScore), gc_after_trial=True)
         except KeyboardInterrupt:

@@ -5,6 +5,7 @@ Every trial is TINY (conftest) on the demo competition, over a small space of it
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -90,6 +91,7 @@ def test_trials_draw_from_their_own_seed_so_a_study_reproduces_and_a_rerun_never
     assert resumed[:4] == drawn[:4] and len(set(resumed)) == 8
 
 
+@pytest.mark.slow  # trials, and for some a second Python process
 def test_sweep_ranks_trials_draws_figures_writes_a_best_recipe_that_trains_and_continues(
         demo_dir: Path, tmp_path: Path, capsys) -> None:
     args = sweep_args(tmp_path, demo_dir, "--study", "s")
@@ -125,39 +127,49 @@ def test_sweep_ranks_trials_draws_figures_writes_a_best_recipe_that_trains_and_c
         sweep.main([*args, "--trials", "5", "--trainer.max_epochs", "2"])
 
 
-def test_a_killed_sweep_continues_where_it_stopped(demo_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.slow  # trials, and for some a second Python process
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["killed", "ctrl-c"])
+def test_a_stopped_sweep_continues_where_it_stopped(demo_dir: Path, tmp_path: Path, stop: signal.Signals) -> None:
     args = sweep_args(tmp_path, demo_dir, "--study", "k", "--trials", "2", "--heartbeat", "1",
                       "--trainer.max_epochs", "3")
-    worker = subprocess.Popen([sys.executable, "-m", "malaria.sweep", *args], cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    out, err = tmp_path / "worker.out", tmp_path / "worker.err"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        worker = subprocess.Popen([sys.executable, "-m", "malaria.sweep", *args], cwd=REPO, stdout=stdout,
+                                  stderr=stderr)
     db = tmp_path / "runs" / "sweeps" / "k" / "study.db"
-    killed, deadline = None, time.time() + 300
+    stopped, deadline = None, time.time() + 300
     try:
-        while killed is None and time.time() < deadline and worker.poll() is None:
+        while stopped is None and time.time() < deadline and worker.poll() is None:
             time.sleep(0.5)
             try:
                 with FileLock(f"{db}.lock"):  # as the worker creates the store's tables
                     trials = load(tmp_path, "k").get_trials(states=(TrialState.RUNNING,))
             except KeyError:  # no study yet
                 continue
-            mid_way = [t.number for t in trials if t.number >= 1 and t.intermediate_values]
-            killed = mid_way[0] if mid_way else None
+            mid_way = [t.number for t in trials if t.number >= 1 and t.intermediate_values]  # 2nd trial
+            if mid_way:
+                stopped = mid_way[0]
+                worker.send_signal(stop)  # SIGKILL: no handler runs; SIGINT: Ctrl-C
+        worker.wait(timeout=120)
     finally:
-        worker.kill()  # SIGKILL: no handler runs, the trial is left as a dead process leaves it
-        _, stderr = worker.communicate()
-    assert killed is not None, stderr[-3000:]
+        worker.kill()
+    assert stopped is not None, err.read_text()[-3000:]
+    if stop == signal.SIGINT:  # the worker reports and says how to go on
+        assert worker.returncode == 130 and "rerun the same command to continue" in out.read_text()
+    else:
+        time.sleep(3.5)  # past the dead trial's grace period: three missed heartbeats
     finished = load(tmp_path, "k").trials[0]
     assert finished.state == TrialState.COMPLETE
 
-    time.sleep(3.5)  # past the dead trial's grace period: three missed heartbeats
     table = sweep.main(args).set_index("trial")
     study = load(tmp_path, "k")
-    assert study.trials[killed].state == TrialState.FAIL  # marked failed, not counted
+    assert study.trials[stopped].state == TrialState.FAIL  # marked failed, not counted
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2 and len(study.trials) == 3
-    assert study.trials[0].value == finished.value and study.trials[0].datetime_complete == finished.datetime_complete
-    assert table.loc[killed, "state"] == "fail" and table.loc[killed, "rank"] == 3
+    assert study.trials[0].datetime_complete == finished.datetime_complete  # kept, not rerun
+    assert table.loc[stopped, "state"] == "fail" and table.loc[stopped, "rank"] == 3
 
 
+@pytest.mark.slow  # trials, and for some a second Python process
 def test_two_workers_share_one_study_without_losing_or_repeating_a_trial(demo_dir: Path, tmp_path: Path) -> None:
     args = sweep_args(tmp_path, demo_dir, "--study", "w", "--trials", "4")
     results = run_commands([("malaria.sweep", args, REPO)] * 2, tmp_path / "logs", parallel=2)
@@ -202,3 +214,12 @@ def test_a_trial_below_the_median_is_pruned_by_epoch_and_logged_in_the_study_gro
     (log,) = run.glob("wandb/offline-run-*-p-trial3/run-p-trial3.wandb")
     (record,) = [r.run for r in read_wandb_log(log) if r.WhichOneof("record_type") == "run"]
     assert (record.run_id, record.run_group) == ("p-trial3", "p")
+
+
+def test_the_budget_bounds_the_sweep_and_cuts_its_last_trial_short(demo_dir: Path, tmp_path: Path) -> None:
+    args = sweep_args(tmp_path, demo_dir, "--study", "b", "--trials", "3", "--budget", "0.05",
+                      "--trainer.max_epochs", "500")
+    table = sweep.main(args)
+    (trial,) = load(tmp_path, "b").trials  # no second trial once the 3 s are spent
+    assert len(trial.intermediate_values) < 500 and len(table) == 1  # Lightning's max_time stopped it
+    assert trial.state in (TrialState.COMPLETE, TrialState.FAIL)  # FAIL: stopped before a validation
