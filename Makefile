@@ -1,12 +1,12 @@
 # The user's verbs. Variables: DATA_DIR, CONFIG, EPOCHS, ARGS, RESUME, RUN, OUT, K, FILE, MESSAGE, DRY_RUN,
-# COMPETITION, BATCHES, ANSWERS.
+# COMPETITION, BATCHES, ANSWERS, SPACE, TRIALS, BUDGET, STUDY, STORAGE, TRIAL_MINUTES.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/default.yaml
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install train features predict holdout cv audit lr-find report score submit data test bench clean-cache help
+.PHONY: install train features predict holdout cv sweep audit lr-find report score submit data test bench clean-cache help
 
 help:
 	@echo "make train    [DATA_DIR=data] [CONFIG=configs/<recipe>.yaml] [EPOCHS=N] [ARGS='--model.lr=1e-3'] [RESUME=runs/<run>]"
@@ -15,6 +15,7 @@ help:
 	@echo "make submit   [FILE=submissions/x.csv] [MESSAGE='...'] [DRY_RUN=1]"
 	@echo "make score    [FILE='a.csv [b.csv ...]'] [ANSWERS=DATA_DIR/test_labels.csv]  accuracy against an answer key; b, c... compared with a"
 	@echo "make cv       [K=5] [CONFIG=...] [DATA_DIR=...] [EPOCHS=N] [ARGS=...]   slide-grouped cross-validation"
+	@echo "make sweep    [TRIALS=20] [SPACE=configs/sweeps/<recipe>.yaml] [EPOCHS=N] [BUDGET=min] [TRIAL_MINUTES=N] [STUDY=name] [STORAGE=url] [CONFIG, DATA_DIR, ARGS]  Optuna search; rerun continues it; TRIALS=0: report only"
 	@echo "make audit    [RUN=runs/<cv>] or [K=5] [CONFIG=...] [DATA_DIR=...] [EPOCHS=N]  suspect labels from out-of-fold predictions"
 	@echo "make lr-find  [CONFIG=...] [DATA_DIR=...]  learning-rate range test"
 	@echo "make features [CONFIG=configs/resnet18_features.yaml] [DATA_DIR=...]  frozen backbone, cached features"
@@ -53,6 +54,13 @@ holdout: install
 cv: install
 	$(PY) -m malaria.cv --k $(or $(K),5) --config $(CONFIG) $(if $(DATA_DIR),--data.data_dir $(DATA_DIR)) \
 		$(if $(EPOCHS),--trainer.max_epochs $(EPOCHS)) $(ARGS)
+
+# Every worker pointing at the same STUDY and STORAGE shares one study; rerunning continues it.
+sweep: install
+	$(PY) -m malaria.sweep --config $(CONFIG) $(if $(SPACE),--space $(SPACE)) $(if $(TRIALS),--trials $(TRIALS)) \
+		$(if $(BUDGET),--budget $(BUDGET)) $(if $(TRIAL_MINUTES),--trial_minutes $(TRIAL_MINUTES)) \
+		$(if $(STUDY),--study $(STUDY)) $(if $(STORAGE),--storage "$(STORAGE)") \
+		$(if $(DATA_DIR),--data.data_dir $(DATA_DIR)) $(if $(EPOCHS),--trainer.max_epochs $(EPOCHS)) $(ARGS)
 
 # Without RUN, a slide-grouped CV runs first (named here, so the audit knows where its predictions are).
 AUDIT_CV := runs/audit-cv-$(shell date +%Y%m%d-%H%M%S)

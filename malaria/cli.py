@@ -215,16 +215,19 @@ def _as_list(value: object) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def build(args: list[str] | None = None, run: bool = True) -> MalariaCLI:
+def build(args: list[str] | None = None, run: bool = True, callbacks: list[Callback] | None = None) -> MalariaCLI:
     """Train from a recipe; with `run=False`, only build the model, data and trainer from it.
 
-    Raises errors.Preempted when SIGTERM or SIGINT stopped the training (after saving last.ckpt)."""
+    `callbacks` join the run's trainer without entering its config (a sweep's pruning callback
+    holds a live Optuna trial, which no config.yaml could rebuild). Raises errors.Preempted when
+    SIGTERM or SIGINT stopped the training (after saving last.ckpt)."""
     try:
         return MalariaCLI(
             MalariaClassifier,
             MalariaDataModule,
             save_config_callback=WandbSaveConfig,
             save_config_kwargs={"overwrite": True},
+            trainer_defaults={"callbacks": callbacks} if callbacks else None,
             args=args,
             run=run,
         )
