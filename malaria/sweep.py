@@ -182,7 +182,7 @@ class Objective:
             args += ["--trainer.max_time", max_time(min(limits))]
         try:
             cli = build(args, callbacks=[TrialPruning(trial, monitor="val/acc")])
-        except SystemExit as stop:  # Lightning ends a Ctrl-C'd fit with sys.exit(1)
+        except (errors.Preempted, SystemExit) as stop:  # saved by malaria.preemption, or Lightning's sys.exit(1)
             raise KeyboardInterrupt from stop
         best = cli.trainer.callback_metrics.get("val/acc_best")
         if best is None:
