@@ -28,6 +28,7 @@ from cleanlab.filter import find_label_issues
 
 from malaria import archive, cache, errors, splits
 from malaria.atomic import replace_file, write_text
+from malaria.flags import PositiveInt, argument
 
 CLASSES = ("uninfected", "parasitized")
 COLUMNS = ["img_name", "label", "prob_given", "rank", "slide"]
@@ -115,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="the CV, runs/<cv name> (as `make cv` printed)")
     parser.add_argument("--data.data_dir", dest="data_dir", type=Path, default=None, help="competition folder (default: the CV's own)")
-    parser.add_argument("--shown", type=int, default=48, help="cells in the gallery")
+    parser.add_argument("--shown", type=argument(PositiveInt), default=48, help="cells in the gallery")
     args = parser.parse_args(argv)
     out = audit(args.run, args.data_dir, args.shown)
     issues = pd.read_csv(out / "label_issues.csv")

@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader
 
 from malaria import cache, errors
 from malaria.cli import build
+from malaria.flags import PositiveInt, argument
 from malaria.archive import ImageTable
 from malaria.sampling import ResumableSampler
 from malaria.datamodule import CellDataset, MalariaDataModule, default_workers, whole_batch
@@ -277,18 +278,16 @@ def table(setup: dict[str, Any], results: Sequence[Result], ratio: dict[str, flo
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=Path("configs/default.yaml"), help="training recipe")
-    parser.add_argument("--batches", type=int, default=8, help="timed batches per stage and pipeline")
-    parser.add_argument("--data_batches", type=int, default=40,
+    parser.add_argument("--batches", type=argument(PositiveInt), default=8, help="timed batches per stage and pipeline")
+    parser.add_argument("--data_batches", type=argument(PositiveInt), default=40,
                         help="timed batches of the data stage, which is cheap enough to time longer")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed batches before each timing")
+    parser.add_argument("--warmup", type=argument(PositiveInt), default=2, help="untimed batches before each timing")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network (warm-up compiles)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args, overrides = _parser().parse_known_args(argv)
-    if min(args.batches, args.data_batches, args.warmup) < 1:
-        raise errors.ConfigError("--batches, --data_batches and --warmup must be at least 1")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     out = sys.stdout
     records: list[dict[str, Any]] = []

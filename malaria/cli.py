@@ -14,6 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 from lightning.pytorch.callbacks import (
@@ -32,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from malaria import errors, quiet, runs  # noqa: F401 (quiet: silences Lightning's noise on import)
 from malaria.checkpointing import AtomicCheckpointIO, ExactResume, LastCheckpoint, RefuseNonFiniteCheckpoints
 from malaria.datamodule import MalariaDataModule
+from malaria.flags import NonNegativeInt
 from malaria.inference import default_precision
 from malaria.models import default_image_size
 from malaria.module import MalariaClassifier
@@ -67,7 +69,7 @@ class Infrastructure:
 
     atomic_checkpoints: bool = True  # AtomicCheckpointIO: a crash never leaves half a checkpoint
     best_checkpoint: bool = True  # checkpoints/best.ckpt, the epoch of the best val/acc
-    last_checkpoint_every_n_train_steps: int = 100  # checkpoints/last.ckpt for RESUME=; 0: none
+    last_checkpoint_every_n_train_steps: NonNegativeInt = 100  # checkpoints/last.ckpt for RESUME=; 0: none
     exact_resume: bool = True  # ExactResume: RNG states and loader position
     refuse_non_finite: bool = True  # RefuseNonFiniteCheckpoints: never save NaN weights
     lr_monitor: bool = True  # the learning rate per epoch in metrics.csv
@@ -126,7 +128,7 @@ class MalariaCLI(LightningCLI):
         parser.add_argument("--run", type=str | None, default=None,
                             help="Run name; runs/<run>/ holds everything (default: <recipe>-<time>).")
         parser.add_argument("--runs_dir", type=str, default=str(runs.RUNS_DIR))
-        parser.add_argument("--wandb.mode", type=str, default="auto", help=f"One of {MODES}.")
+        parser.add_argument("--wandb.mode", type=Literal[MODES], default="auto", help="auto: online with a key.")
         parser.add_argument("--wandb.project", type=str, default="malaria")
         parser.add_argument("--entry_point", type=str | None, default=None,
                             help="The only entry point this recipe runs under (train, features); null: any.")
@@ -141,6 +143,9 @@ class MalariaCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.run_config
+        epochs = config.trainer.max_epochs
+        if epochs is not None and epochs < 1 and epochs != -1:  # -1: Lightning's "until max_steps"
+            raise errors.ConfigError(f"--trainer.max_epochs {epochs}: a run trains at least one epoch.")
         if config.entry_point not in (None, self.ENTRY_POINT):
             recipe = ", ".join(str(c) for c in config.get("config") or []) or "This recipe"
             raise errors.ConfigError(f"{recipe} runs under `python -m malaria.{config.entry_point}` "

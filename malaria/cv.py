@@ -21,6 +21,7 @@ from rich.table import Table
 from malaria import errors, runs, splits
 from malaria.atomic import replace_file
 from malaria.cli import build
+from malaria.flags import FoldCount, argument
 from malaria.inference import load, predict_split
 from malaria.metrics import classes, score
 from malaria.slide_errors import describe_errors
@@ -51,7 +52,7 @@ def summarise(per_fold: pd.DataFrame, split: splits.Split = "slide") -> Table:
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/default.yaml")
-    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--k", type=argument(FoldCount), default=5, help="folds (at least 2)")
     parser.add_argument("--name", default=None, help="runs are <name>-fold<i> (default: <recipe>-cv<k>-<time>)")
     parser.add_argument("--runs_dir", type=Path, default=runs.RUNS_DIR)
     # Anything else is a training override, e.g. --data.data_dir data --trainer.max_epochs 5.

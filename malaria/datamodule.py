@@ -21,6 +21,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from malaria import archive, cache, splits
+from malaria.errors import ConfigError
+from malaria.flags import Fraction, NonNegativeInt, PositiveInt
 from malaria.sampling import ResumableLoader, ResumableSampler
 from malaria.transforms import Augment, train_transform
 
@@ -103,20 +105,23 @@ class MalariaDataModule(L.LightningDataModule):
     def __init__(
         self,
         data_dir: str = "data",
-        image_size: int | None = 64,
-        val_fraction: float = 0.2,
-        fold: int = 0,
+        image_size: PositiveInt | None = 64,
+        val_fraction: Fraction = 0.2,
+        fold: NonNegativeInt = 0,
         split: splits.Split = "slide",
-        train_cells: int | None = None,
+        train_cells: PositiveInt | None = None,
         exclude: str | None = None,
         seed: int = 42,
-        batch_size: int = 128,
-        num_workers: int | None = None,
+        batch_size: PositiveInt = 128,
+        num_workers: NonNegativeInt | None = None,
         augment: Augment | None = None,
         cache_dir: str | None = None,
         demo: bool = True,
     ) -> None:
         super().__init__()
+        if val_fraction and fold >= splits.fold_count(val_fraction):
+            raise ConfigError(f"data.fold {fold}: a holdout of data.val_fraction {val_fraction} has "
+                              f"{splits.fold_count(val_fraction)} folds, numbered from 0.")
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.augment = augment or Augment()

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from malaria import errors, runs
+from malaria.flags import NonNegativeFloat, argument
 from malaria.inference import load, predict_split, slide_prior
 from malaria.metrics import score
 from malaria.priors import DEFAULT_STRENGTH
@@ -35,7 +36,7 @@ VIEWS: tuple[Views, ...] = ((False, False), (True, False), (False, True), (True,
 def holdout_probabilities(run_dir: Path, prior: float = DEFAULT_STRENGTH,
                           ) -> tuple[list[str], np.ndarray, dict[Views, np.ndarray]]:
     """Ids and labels of a run's own holdout, and its probabilities of parasitized with TTA off and
-    on, each without and with the slide prior of the holdout's training side."""
+    on, each without and with the slide prior of the holdout's training side (`prior` 0: without)."""
     model, datamodule = load(runs.checkpoint(run_dir))
     if datamodule.hparams.val_fraction == 0:
         raise errors.ConfigError(f"{run_dir} trained on every image (data.val_fraction 0): it has no holdout to score.")
@@ -43,9 +44,10 @@ def holdout_probabilities(run_dir: Path, prior: float = DEFAULT_STRENGTH,
     for tta in (False, True):
         val = predict_split(model, datamodule, split="val", tta=tta)
         ids, labels, probs[tta, False] = val.ids, val.labels, val.probs
-    prior_of_slides = slide_prior(datamodule, "val", prior)
-    for tta in (False, True):
-        probs[tta, True] = prior_of_slides.adjust(ids, probs[tta, False])
+    if prior:
+        prior_of_slides = slide_prior(datamodule, "val", prior)
+        for tta in (False, True):
+            probs[tta, True] = prior_of_slides.adjust(ids, probs[tta, False])
     return ids, labels, probs
 
 
@@ -64,7 +66,7 @@ def score_runs(run_dirs: Sequence[Path], prior: float = DEFAULT_STRENGTH) -> pd.
         first_ids = ids
         members.append((run_dir.name, probs))
     rows = []
-    for tta, with_prior in VIEWS:
+    for tta, with_prior in (view for view in VIEWS if view in members[0][1]):
         scored = [(name, probs[tta, with_prior]) for name, probs in members]
         if len(members) > 1:
             scored.append((ENSEMBLE, np.mean([probs for _, probs in scored], axis=0)))
@@ -87,8 +89,9 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", nargs="*", type=Path, default=None,
                         help="run directories (default: the latest run in runs/)")
-    parser.add_argument("--slide_prior", type=float, default=DEFAULT_STRENGTH, metavar="STRENGTH",
-                        help=f"pseudo-cells of the slide prior's shrinkage (default {DEFAULT_STRENGTH})")
+    parser.add_argument("--slide_prior", type=argument(NonNegativeFloat), default=DEFAULT_STRENGTH,
+                        metavar="STRENGTH", help="pseudo-cells of the slide prior's shrinkage "
+                                                 f"(default {DEFAULT_STRENGTH}; 0: no slide prior)")
     args = parser.parse_args(argv)
     run_dirs = args.run or [runs.latest_run()]
     scores = score_runs(run_dirs, args.slide_prior)

@@ -14,6 +14,7 @@ from torch import nn
 from torchmetrics import MaxMetric
 
 from malaria.datamodule import Batch
+from malaria.flags import Fraction, NonNegativeFloat, PositiveFloat
 from malaria.metrics import binary_metrics
 from malaria.models import create_model
 from malaria.transforms import Augment, BatchAugment, dihedral_views, random_dihedral
@@ -48,10 +49,10 @@ class MalariaClassifier(L.LightningModule):
         pretrained: bool = False,
         pretrained_file: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
-        lr: float = 3e-3,
-        weight_decay: float = 0.05,
-        warmup_epochs: float = 1.0,
-        label_smoothing: float = 0.0,
+        lr: PositiveFloat = 3e-3,
+        weight_decay: NonNegativeFloat = 0.05,
+        warmup_epochs: NonNegativeFloat = 1.0,
+        label_smoothing: Fraction = 0.0,
         mixup: dict[str, Any] | None = None,
         batch_dihedral: bool = False,
         tta: bool = False,

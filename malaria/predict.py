@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from malaria import errors, runs
+from malaria.flags import NonNegativeFloat, argument
 from malaria.inference import predict_checkpoints
 from malaria.metrics import classes
 from malaria.priors import DEFAULT_STRENGTH
@@ -30,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="submission path (default: submissions/<run>-<time>.csv)")
     parser.add_argument("--checkpoint", choices=runs.CHECKPOINTS, default="best",
                         help="each run's best holdout epoch (default) or its final weights")
-    parser.add_argument("--slide_prior", type=float, default=DEFAULT_STRENGTH, metavar="STRENGTH",
+    parser.add_argument("--slide_prior", type=argument(NonNegativeFloat), default=DEFAULT_STRENGTH, metavar="STRENGTH",
                         help="weigh each cell's slide by the training labels of that slide, shrunk by "
                              f"STRENGTH pseudo-cells (default {DEFAULT_STRENGTH}; 0: the images alone)")
     tta = parser.add_mutually_exclusive_group()
@@ -40,7 +41,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.out is not None and args.out.exists():
+        parser.error(f"argument --out: {args.out} already exists; a submission is never overwritten.")
     run_dirs = args.run or [runs.latest_run()]
     checkpoints = [runs.checkpoint(r, args.checkpoint) for r in run_dirs]
     predicted = predict_checkpoints(checkpoints, "test", args.data_dir, args.tta, args.slide_prior)

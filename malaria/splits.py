@@ -133,6 +133,11 @@ def _improve(counts: np.ndarray, target: np.ndarray, assignment: np.ndarray, n_f
     return assignment
 
 
+def fold_count(val_fraction: float) -> int:
+    """How many folds a holdout of `val_fraction` is one of."""
+    return max(2, round(1 / val_fraction))
+
+
 def holdout(labels: np.ndarray, names: Sequence[str], val_fraction: float, seed: int,
             fold: int = 0, split: Split = "slide") -> tuple[np.ndarray, np.ndarray]:
     """Train and validation indices with about `val_fraction` of the images in validation;
@@ -141,7 +146,7 @@ def holdout(labels: np.ndarray, names: Sequence[str], val_fraction: float, seed:
         return np.arange(len(labels)), np.empty(0, dtype=np.int64)
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be 0 (no holdout) or between 0 and 1, got {val_fraction}")
-    n_folds = max(2, round(1 / val_fraction))
+    n_folds = fold_count(val_fraction)
     train, val = kfold(labels, names, n_folds, seed, split)[fold]
     achieved = len(val) / len(labels)
     if abs(achieved - val_fraction) > 0.25 * val_fraction or len(np.unique(labels[val])) < len(np.unique(labels)):

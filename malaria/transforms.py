@@ -13,6 +13,7 @@ import albumentations as A
 import cv2
 import kornia.augmentation as K
 import torch
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat
 from torch import nn
 
 
@@ -23,21 +24,21 @@ class Augment:
     Cells have no orientation, so full rotations and both flips are safe; colour jitter stands in
     for the variation of Giemsa staining between slides."""
 
-    hflip: float = 0.5
-    vflip: float = 0.5
-    rotate: float = 180.0  # degrees, either way
-    shift: float = 0.05  # fraction of the side
-    shear: float = 10.0  # degrees
-    zoom: float = 0.1  # scale in [1 - zoom, 1 + zoom]
-    affine_p: float = 0.75
-    brightness: float = 0.15
-    contrast: float = 0.15
-    saturation: float = 0.15
-    hue: float = 0.02
-    color_p: float = 0.75
-    elastic_p: float = 0.0
-    elastic_alpha: float = 30.0
-    elastic_sigma: float = 5.0
+    hflip: ClosedUnitInterval = 0.5
+    vflip: ClosedUnitInterval = 0.5
+    rotate: NonNegativeFloat = 180.0  # degrees, either way
+    shift: NonNegativeFloat = 0.05  # fraction of the side
+    shear: NonNegativeFloat = 10.0  # degrees
+    zoom: NonNegativeFloat = 0.1  # scale in [1 - zoom, 1 + zoom]
+    affine_p: ClosedUnitInterval = 0.75
+    brightness: NonNegativeFloat = 0.15
+    contrast: NonNegativeFloat = 0.15
+    saturation: NonNegativeFloat = 0.15
+    hue: NonNegativeFloat = 0.02
+    color_p: ClosedUnitInterval = 0.75
+    elastic_p: ClosedUnitInterval = 0.0
+    elastic_alpha: NonNegativeFloat = 30.0
+    elastic_sigma: NonNegativeFloat = 5.0
     # Flips, affine and colour jitter on the batch after transfer (BatchAugment), the elastic
     # deformation alone in the workers: 5.9x the images/s of the per-image path on a 2-core CPU
     # (make bench), and a GPU is never held back by CPU augmentation. false: all in the workers.

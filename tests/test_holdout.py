@@ -1,11 +1,14 @@
 """Scoring runs and their ensemble on a shared holdout."""
 
+import dataclasses
+
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from malaria import holdout, train
+from malaria import holdout, runs, train
+from malaria.inference import load, predict_split, slide_prior
 from malaria.metrics import score
 
 from conftest import TINY
@@ -55,3 +58,25 @@ def test_main_prints_the_table(runs_dir: Path, capsys: pytest.CaptureFixture[str
     holdout.main(["--run", str(runs_dir / "a"), str(runs_dir / "b")])
     out = capsys.readouterr().out
     assert "Shared holdout" in out and holdout.ENSEMBLE in out
+
+
+def test_slide_prior_0_scores_without_the_prior(runs_dir: Path) -> None:
+    scores = holdout.main(["--run", str(runs_dir / "a"), "--slide_prior", "0"])
+    assert scores[["tta", "prior"]].values.tolist() == [[False, False], [True, False]]
+
+
+def test_the_holdouts_slide_prior_never_sees_the_holdouts_labels(runs_dir: Path) -> None:
+    model, datamodule = load(runs.checkpoint(runs_dir / "a"))
+    predict_split(model, datamodule, split="val")
+    table = datamodule.train_table
+    before = slide_prior(datamodule, "val", 1.0).shifts
+
+    def flipped(rows: np.ndarray) -> np.ndarray:
+        labels = table.labels.copy()
+        labels[rows] = 1 - labels[rows]
+        return labels
+
+    datamodule.train_table = dataclasses.replace(table, labels=flipped(datamodule.val_rows))  # every holdout label wrong
+    assert slide_prior(datamodule, "val", 1.0).shifts == before
+    datamodule.train_table = dataclasses.replace(table, labels=flipped(datamodule.train_rows))  # the training side's count
+    assert slide_prior(datamodule, "val", 1.0).shifts != before
