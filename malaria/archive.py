@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
-from malaria.errors import UserError
+from malaria.errors import UserError, listing
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,6 @@ SAMPLE_SUBMISSION = "sample_submission.csv"
 DEMO_SUBDIR = "demo"  # data_dir/demo: the generated competition of a fresh clone
 ID_COLUMNS = ("img_name", "id")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-SHOWN = 5  # how many offending names an error message lists
 
 
 class DataError(UserError, ValueError):
@@ -45,11 +44,6 @@ class ImageTable:
 
     def __len__(self) -> int:
         return len(self.ids)
-
-
-def _listing(names: list[str]) -> str:
-    more = f" (and {len(names) - SHOWN} more)" if len(names) > SHOWN else ""
-    return ", ".join(repr(n) for n in names[:SHOWN]) + more
 
 
 def _is_junk(member: str) -> bool:
@@ -70,19 +64,19 @@ def list_images(zip_path: Path) -> dict[str, str]:
 
     unsafe = [m for m in members if m.startswith(("/", "\\")) or ".." in PurePosixPath(m).parts]
     if unsafe:
-        raise DataError(f"{zip_path}: unsafe member paths {_listing(unsafe)}; refusing to read this archive.")
+        raise DataError(f"{zip_path}: unsafe member paths {listing(unsafe)}; refusing to read this archive.")
 
     members = [m for m in members if not _is_junk(m)]
     images = [m for m in members if m.lower().endswith(IMAGE_SUFFIXES)]
     ignored = sorted(set(members) - set(images))
     if ignored:
-        log.warning("%s: ignoring %d non-image members: %s", zip_path, len(ignored), _listing(ignored))
+        log.warning("%s: ignoring %d non-image members: %s", zip_path, len(ignored), listing(ignored))
     if not images:
         raise DataError(f"{zip_path}: the archive holds no PNG images.")
 
     twice = sorted(m for m, n in Counter(images).items() if n > 1)
     if twice:
-        raise DataError(f"{zip_path}: members stored twice: {_listing(twice)}; re-create the archive.")
+        raise DataError(f"{zip_path}: members stored twice: {listing(twice)}; re-create the archive.")
     by_name: dict[str, str] = {}
     clashes: list[str] = []
     for member in sorted(images):
@@ -91,7 +85,7 @@ def list_images(zip_path: Path) -> dict[str, str]:
             clashes.append(f"{by_name[name]} / {member}")
         by_name[name] = member
     if clashes:
-        raise DataError(f"{zip_path}: the same file name appears in several folders: {_listing(clashes)}.")
+        raise DataError(f"{zip_path}: the same file name appears in several folders: {listing(clashes)}.")
     return by_name
 
 
@@ -121,7 +115,7 @@ def read_id_csv(csv_path: Path, with_labels: bool) -> pd.DataFrame:
     # a sample submission's label column is its format, not an extra
     extra = [c for c in frame.columns if c not in wanted_columns and c != "label"]
     if extra:
-        log.warning("%s: ignoring columns %s", csv_path, _listing(extra))
+        log.warning("%s: ignoring columns %s", csv_path, listing(extra))
     frame = frame[wanted_columns].rename(columns={id_column: "img_name"}).apply(lambda c: c.str.strip())
     frame = frame[(frame != "").any(axis=1)]
     if frame.empty:
@@ -132,7 +126,7 @@ def read_id_csv(csv_path: Path, with_labels: bool) -> pd.DataFrame:
         raise DataError(f"{csv_path}: empty img_name on line {blank[0] + 2}.")
     duplicated = frame["img_name"][frame["img_name"].duplicated()].tolist()
     if duplicated:
-        raise DataError(f"{csv_path}: duplicate ids {_listing(duplicated)}.")
+        raise DataError(f"{csv_path}: duplicate ids {listing(duplicated)}.")
     if with_labels:
         bad = frame.index[~frame["label"].isin(["0", "1"])]
         if len(bad):
@@ -150,17 +144,29 @@ def _match(zip_path: Path, csv_path: Path, ids: list[str]) -> list[str]:
     images = list_images(zip_path)
     missing = [i for i in ids if i not in images]
     if missing:
-        raise DataError(f"{csv_path}: {len(missing)} ids have no image in {zip_path}: {_listing(missing)}.")
+        raise DataError(f"{csv_path}: {len(missing)} ids have no image in {zip_path}: {listing(missing)}.")
     unlabelled = sorted(set(images) - set(ids))
     if unlabelled:
         log.warning("%s: %d images are not listed in %s and will be skipped: %s",
-                    zip_path, len(unlabelled), csv_path.name, _listing(unlabelled))
+                    zip_path, len(unlabelled), csv_path.name, listing(unlabelled))
     return [images[i] for i in ids]
+
+
+def missing_files(data_dir: Path,
+                  wanted: tuple[str | tuple[str, ...], ...] = (TRAIN_ZIP, TEST_ZIP, SAMPLE_SUBMISSION, LABEL_CSVS),
+                  ) -> list[str]:
+    """Which of the `wanted` competition files `data_dir` lacks (a tuple: any one of these names)."""
+    missing = []
+    for names in wanted:
+        names = (names,) if isinstance(names, str) else names
+        if not any((data_dir / name).is_file() for name in names):
+            missing.append(" or ".join(names))
+    return missing
 
 
 def has_competition(data_dir: Path) -> bool:
     """True when data_dir holds the training zip and a label CSV."""
-    return (data_dir / TRAIN_ZIP).exists() and any((data_dir / c).exists() for c in LABEL_CSVS)
+    return not missing_files(data_dir, (TRAIN_ZIP, LABEL_CSVS))
 
 
 def refuse_partial(data_dir: Path) -> None:
@@ -169,9 +175,7 @@ def refuse_partial(data_dir: Path) -> None:
     found = [n for n in (TRAIN_ZIP, *LABEL_CSVS, TEST_ZIP, SAMPLE_SUBMISSION) if (data_dir / n).exists()]
     if not found or has_competition(data_dir):
         return
-    missing = [] if (data_dir / TRAIN_ZIP).exists() else [TRAIN_ZIP]
-    if not any((data_dir / c).exists() for c in LABEL_CSVS):
-        missing.append(" or ".join(LABEL_CSVS))
+    missing = missing_files(data_dir, (TRAIN_ZIP, LABEL_CSVS))
     raise DataError(f"{data_dir} holds {', '.join(found)} but no {' and no '.join(missing)}: "
                     "add the missing file (check its name), or use an empty folder for demo data.")
 

@@ -17,20 +17,18 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import yaml
 from cleanlab.filter import find_label_issues
+from matplotlib.figure import Figure
 
 from malaria import archive, cache, errors, splits
 from malaria.atomic import replace_file, write_text
 from malaria.flags import PositiveInt, argument
+from malaria.metrics import CLASSES
+from malaria.reporting import image_grid
 
-CLASSES = ("uninfected", "parasitized")
 COLUMNS = ["img_name", "label", "prob_given", "rank", "slide"]
 
 
@@ -49,21 +47,16 @@ def label_issues(oof: pd.DataFrame) -> pd.DataFrame:
     }, columns=COLUMNS)
 
 
-def gallery(issues: pd.DataFrame, data_dir: Path, shown: int, columns: int = 8) -> plt.Figure:
+def gallery(issues: pd.DataFrame, data_dir: Path, shown: int, columns: int = 8) -> Figure:
     """The most suspect cells, each titled with its given label and that label's probability."""
     table = archive.load_train(data_dir)
     members = dict(zip(table.ids, table.members))
     top = issues.head(shown)
-    rows = max(1, -(-len(top) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.3, rows * 1.5), squeeze=False)
     with zipfile.ZipFile(table.zip_path) as zipped:
-        for ax, row in zip(axes.flat, top.itertuples()):
-            ax.imshow(cache.decode(zipped.read(members[row.img_name]), 96))
-            ax.set_title(f"#{row.rank} {CLASSES[row.label][:5]} {row.prob_given:.2f}", fontsize=7)
-    for ax in axes.flat:
-        ax.axis("off")
-    fig.tight_layout()
-    return fig
+        images = [cache.decode(zipped.read(members[name]), 96) for name in top["img_name"]]
+    captions = [f"#{row.rank} {CLASSES[row.label][:5]} {row.prob_given:.2f}" for row in top.itertuples()]
+    return image_grid(np.stack(images) if images else [], captions,
+                      "Most suspect labels: rank, given label, its out-of-fold probability", columns, inches=1.3)
 
 
 def markdown(name: str, oof: pd.DataFrame, issues: pd.DataFrame, data_dir: Path, shown: int) -> str:
@@ -106,7 +99,6 @@ def audit(cv_run: Path, data_dir: Path | None = None, shown: int = 48) -> Path:
     replace_file(staging / "label_issues.csv", lambda f: issues.to_csv(f, index=False))
     figure = gallery(issues, data_dir, shown)
     replace_file(staging / "gallery.png", lambda f: figure.savefig(f, format="png", dpi=100), binary=True)
-    plt.close(figure)
     write_text(staging / "audit.md", markdown(cv_run.name, oof, issues, data_dir, shown))
     staging.rename(out)
     return out

@@ -51,7 +51,7 @@ from malaria.flags import PositiveInt, argument
 from malaria.archive import ImageTable
 from malaria.sampling import ResumableSampler
 from malaria.datamodule import CellDataset, MalariaDataModule, default_workers, whole_batch
-from malaria.inference import default_precision
+from malaria.inference import bare_trainer, default_precision
 from malaria.module import MalariaClassifier
 from malaria.transforms import train_transform
 
@@ -194,10 +194,8 @@ def time_data(batches: Iterable, model: MalariaClassifier, warmup: int, count: i
 
 
 def _trainer(stopwatch: Stopwatch, steps: int) -> L.Trainer:
-    return L.Trainer(accelerator="auto", devices=1, precision=default_precision(), max_steps=steps,
-                     max_epochs=10_000, limit_val_batches=0, limit_predict_batches=steps, num_sanity_val_steps=0,
-                     logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, callbacks=[stopwatch], default_root_dir=tempfile.gettempdir())
+    return bare_trainer(max_steps=steps, max_epochs=10_000, limit_val_batches=0, limit_predict_batches=steps,
+                        num_sanity_val_steps=0, callbacks=[stopwatch], default_root_dir=tempfile.gettempdir())
 
 
 def time_train(model: MalariaClassifier, warmup: int, count: int, pipeline: str, **fit_kwargs: Any) -> Result:

@@ -215,10 +215,12 @@ def _as_list(value: object) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def build(args: list[str] | None = None, run: bool = True) -> MalariaCLI:
-    """Train from a recipe; with `run=False`, only build the model, data and trainer from it."""
-    return MalariaCLI(
-        MalariaClassifier,
+def build(args: list[str] | None = None, run: bool = True, cli: type[MalariaCLI] = MalariaCLI,
+          model: type[MalariaClassifier] = MalariaClassifier) -> MalariaCLI:
+    """Train from a recipe; with `run=False`, only build the model, data and trainer from it.
+    The one place a CLI is built: every verb that trains gets the same config saving."""
+    return cli(
+        model,
         MalariaDataModule,
         save_config_callback=WandbSaveConfig,
         save_config_kwargs={"overwrite": True},

@@ -9,7 +9,7 @@ its traceback.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 
@@ -27,6 +27,13 @@ class ExistsError(UserError, FileExistsError):
 
 class ConfigError(UserError, ValueError):
     """A recipe or flag that cannot work."""
+
+
+def listing(names: Sequence[object], shown: int = 5) -> str:
+    """The first `shown` offending names of an error message, and how many more there are."""
+    names = list(names)
+    more = f" (and {len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(repr(n) for n in names[:shown]) + more
 
 
 def run(main: Callable[[], Any]) -> NoReturn:

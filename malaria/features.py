@@ -28,9 +28,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from malaria import errors
 from malaria.atomic import replace_file
-from malaria.cli import MalariaCLI
+from malaria.cli import MalariaCLI, build
 from malaria.datamodule import CellDataset, MalariaDataModule
-from malaria.inference import predict_dataset
+from malaria.inference import bare_trainer, predict_dataset
 from malaria.module import Batch, MalariaClassifier
 
 STANDARDISATION = "feature_standardisation"  # checkpoint entry: the classifier as it trains
@@ -134,8 +134,7 @@ def extract(head: FeatureHead, dataset: CellDataset, batch_size: int, num_worker
             accelerator: str = "auto", precision: str | None = None) -> np.ndarray:
     """Pooled features of every image of `dataset`, in row order, through the prediction core
     (so a GPU and mixed precision are used where the trainer would use them)."""
-    trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False,
-                        enable_checkpointing=False, enable_model_summary=False)
+    trainer = bare_trainer(accelerator=accelerator, precision=precision, enable_progress_bar=True)
     return predict_dataset(_Extractor(head), dataset, batch_size, num_workers, trainer, key="features")
 
 
@@ -216,8 +215,7 @@ class FeaturesCLI(MalariaCLI):
 def main(args: list[str] | None = None) -> FeaturesCLI:
     """`python -m malaria.features [fit options]`: the `fit` subcommand is implied."""
     args = sys.argv[1:] if args is None else args
-    return FeaturesCLI(FeatureHead, MalariaDataModule, save_config_kwargs={"overwrite": True},
-                       args=["fit", *args])
+    return build(["fit", *args], cli=FeaturesCLI, model=FeatureHead)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -31,6 +31,15 @@ def default_precision() -> str:
     if not torch.cuda.is_available():
         return "32-true"
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
+def bare_trainer(**overrides: Any) -> L.Trainer:
+    """A one-device Trainer that writes nothing (no logger, checkpoints, summary or progress bar),
+    on the accelerator and precision training would use: for prediction, feature extraction and
+    `make bench`'s timings."""
+    settings = dict(accelerator="auto", devices=1, precision=default_precision(), logger=False,
+                    enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
+    return L.Trainer(**{**settings, **overrides})
 
 
 @dataclass
@@ -73,8 +82,7 @@ def predict_dataset(module: L.LightningModule, dataset: CellDataset, batch_size:
     gathers them back on every rank)."""
     writer = PredictionWriter(key=key)
     if trainer is None:
-        trainer = L.Trainer(accelerator="auto", devices=1, precision=default_precision(), logger=False,
-                            enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
+        trainer = bare_trainer()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=whole_batch)
     trainer.callbacks.append(writer)

@@ -28,7 +28,7 @@ from typing import Any
 import requests
 import yaml
 
-from malaria.archive import DEMO_SUBDIR, LABEL_CSVS, SAMPLE_SUBMISSION, TEST_ZIP, TRAIN_ZIP
+from malaria.archive import DEMO_SUBDIR, SAMPLE_SUBMISSION, missing_files
 from malaria.atomic import replace_file, stage_file
 from malaria import errors
 from malaria.errors import UserError
@@ -121,14 +121,6 @@ def _reason(err: BaseException) -> str:
         return f"{type(err).__name__}: {text}"
     hint = HTTP_HINTS.get(status)
     return f"HTTP {status}: {text}" + (f" ({hint})" if hint else "")
-
-
-def missing_files(data_dir: Path) -> list[str]:
-    """Names of the competition files not (yet) in `data_dir`."""
-    missing = [name for name in (TRAIN_ZIP, TEST_ZIP, SAMPLE_SUBMISSION) if not (data_dir / name).is_file()]
-    if not any((data_dir / name).is_file() for name in LABEL_CSVS):
-        missing.append(" or ".join(LABEL_CSVS))
-    return missing
 
 
 def _extract(archive: Path, data_dir: Path) -> list[Path]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from scipy import special
 
 from malaria import splits
 
@@ -29,8 +30,8 @@ EPS = 1e-6
 
 
 def logit(p: np.ndarray | float) -> np.ndarray:
-    p = np.clip(p, EPS, 1 - EPS)
-    return np.log(p) - np.log1p(-p)
+    """Log-odds, with probabilities clipped away from 0 and 1 (a slide of only one class)."""
+    return special.logit(np.clip(p, EPS, 1 - EPS))
 
 
 @dataclass(frozen=True)
@@ -52,4 +53,4 @@ class SlidePrior:
     def adjust(self, names: Sequence[str], probs: np.ndarray) -> np.ndarray:
         """Probabilities of parasitized with each cell's slide taken into account."""
         shift = np.array([self.shifts.get(splits.slide_of(n), 0.0) for n in names])
-        return 1 / (1 + np.exp(-(logit(np.asarray(probs, dtype=np.float64)) + shift)))
+        return special.expit(logit(np.asarray(probs, dtype=np.float64)) + shift)

@@ -27,18 +27,18 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
 from torch import nn
+from torchvision.utils import make_grid
 
 from malaria import tracking
 from malaria.atomic import replace_file, write_text
 from malaria.datamodule import MalariaDataModule
 from malaria.inference import predict_split
-from malaria.metrics import THRESHOLD, classes, score
+from malaria.metrics import CLASSES, THRESHOLD, classes, score
 from malaria.module import MalariaClassifier
 from malaria.slide_errors import describe_errors
 
 log = logging.getLogger(__name__)
 
-CLASSES = ("uninfected", "parasitized")
 FIGURES_DIR = "figures"
 DPI = 110
 TITLES = {
@@ -167,20 +167,33 @@ def confident_mistakes(predictions: ValPredictions, n: int) -> np.ndarray:
     return wrong[np.argsort(-confidence, kind="stable")][:n]
 
 
-def mistakes_gallery(predictions: ValPredictions, shown: np.ndarray, columns: int = 8) -> Figure:
-    rows = max(1, -(-len(shown) // columns))
-    fig = Figure(figsize=(1.6 * columns, 1.9 * rows + 0.5), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
-    for ax in axes:
-        ax.set_axis_off()
-    for ax, i in zip(axes, shown):
-        ax.imshow(predictions.images(i))
-        ax.set_title(f"true: {CLASSES[predictions.labels[i]]}\nP(parasitized) {predictions.probs[i]:.2f}",
-                     fontsize=8)
-    if not len(shown):
-        axes[0].text(0, 0.5, "no mistakes on the validation split", fontsize=12)
-    fig.suptitle("Most confident mistakes (validation): true class and predicted P(parasitized)")
+def image_grid(images: np.ndarray, captions: Sequence[str], title: str, columns: int = 8,
+               inches: float = 1.5) -> Figure:
+    """N same-sized HxWx3 images (uint8, or floats in [0, 1]) in rows of `columns`, laid out by
+    torchvision's `make_grid`, each captioned in its top-left corner."""
+    fig = Figure(figsize=(inches * columns, inches * max(1, -(-len(images) // columns)) + 0.5), layout="constrained")
+    ax = fig.subplots()
+    ax.set_axis_off()
+    fig.suptitle(title)
+    if not len(images):
+        ax.text(0, 0.5, "none", fontsize=12)
+        return fig
+    batch = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2)
+    pad = max(1, batch.shape[-1] // 16)
+    grid = make_grid(batch, nrow=columns, padding=pad, pad_value=255 if batch.dtype == torch.uint8 else 1.0)
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    height, width = batch.shape[-2] + pad, batch.shape[-1] + pad
+    for k, caption in enumerate(captions):
+        ax.text((k % columns) * width + 1.5 * pad, (k // columns) * height + 1.5 * pad, caption, fontsize=6,
+                va="top", bbox={"facecolor": "white", "alpha": 0.7, "pad": 1, "linewidth": 0})
     return fig
+
+
+def mistakes_gallery(predictions: ValPredictions, shown: np.ndarray, columns: int = 8) -> Figure:
+    captions = [f"true: {CLASSES[predictions.labels[i]]}\nP(parasitized) {predictions.probs[i]:.2f}" for i in shown]
+    images = predictions.images(np.asarray(shown, dtype=np.int64)) if len(shown) else []
+    return image_grid(images, captions, "Most confident mistakes (validation): true class and predicted "
+                                        "P(parasitized)", columns, inches=1.6)
 
 
 class _FeatureMapTap(nn.Module):
@@ -265,16 +278,9 @@ def first_layer_filters(net: nn.Module, columns: int = 8) -> Figure | None:
     low = weights.amin(dim=(1, 2, 3), keepdim=True)
     high = weights.amax(dim=(1, 2, 3), keepdim=True)
     kernels = ((weights - low) / (high - low + 1e-8)).permute(0, 2, 3, 1).numpy()
-    rows = -(-len(kernels) // columns)
-    fig = Figure(figsize=(columns * 0.9, rows * 0.9 + 0.6), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
-    for ax in axes:
-        ax.set_axis_off()
-    for ax, kernel in zip(axes, kernels):
-        ax.imshow(kernel, interpolation="nearest")
     k = conv.kernel_size
-    fig.suptitle(f"First-layer filters ({name}: {conv.out_channels} x {k[0]}x{k[1]} RGB)")
-    return fig
+    return image_grid(kernels, [], f"First-layer filters ({name}: {conv.out_channels} x {k[0]}x{k[1]} RGB)",
+                      columns, inches=0.9)
 
 
 # ---------------------------------------------------------------- report

@@ -19,7 +19,8 @@ from scipy.stats import binomtest
 
 from malaria import errors
 from malaria.slide_errors import describe_errors
-from malaria.submit import HEADER, SubmissionError, listing, newest_submission, validate_submission
+from malaria.errors import listing
+from malaria.submit import HEADER, SHOWN, SubmissionError, newest_submission, validate_submission
 
 
 def correct(path: Path, answers: Path) -> pd.Series:
@@ -32,7 +33,7 @@ def correct(path: Path, answers: Path) -> pd.Series:
     extra = pd.Index(table[HEADER[0]]).difference(truth.index)
     if len(missing) or len(extra):
         raise SubmissionError(f"{path}: ids differ from {answers}: {len(missing)} missing "
-                              f"({listing(list(missing))}), {len(extra)} unexpected ({listing(list(extra))}).")
+                              f"({listing(missing, SHOWN)}), {len(extra)} unexpected ({listing(extra, SHOWN)}).")
     ids = table[HEADER[0]]
     return pd.Series(table[HEADER[1]].to_numpy() == truth[ids].to_numpy(), index=ids.to_numpy())
 

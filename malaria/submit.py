@@ -20,13 +20,14 @@ import numpy as np
 import pandas as pd
 
 from malaria import errors
-from malaria.archive import SAMPLE_SUBMISSION
+from malaria.errors import listing
+from malaria.archive import SAMPLE_SUBMISSION, read_id_csv
 from malaria.atomic import stage_file
 
 HEADER = ("img_name", "label")
 HISTORY_NAME = "history.csv"  # the Kaggle upload log that malaria.leaderboard keeps in submissions/
 LABELS = ("0", "1")
-SHOWN = 3  # how many offending ids an error message lists
+SHOWN = 3  # how many offending ids an error message lists (errors.listing)
 
 
 class SubmissionError(errors.UserError, ValueError):
@@ -52,11 +53,6 @@ def sidecar_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def listing(ids: Sequence[str]) -> str:
-    more = f" (and {len(ids) - SHOWN} more)" if len(ids) > SHOWN else ""
-    return ", ".join(repr(i) for i in ids[:SHOWN]) + more
-
-
 def _check_arrays(ids: Sequence[str], labels: Sequence[int] | np.ndarray, path: Path) -> np.ndarray:
     """Return labels as int64 after checking they are 0/1 integers matching `ids` one to one."""
     values = np.asarray(labels)
@@ -77,7 +73,7 @@ def _check_arrays(ids: Sequence[str], labels: Sequence[int] | np.ndarray, path: 
         raise SubmissionError(f"{path}: id number {blank[0] + 1} is empty or not a string.")
     duplicated = names[names.duplicated()].unique().tolist()
     if duplicated:
-        raise SubmissionError(f"{path}: duplicate ids {listing(duplicated)}.")
+        raise SubmissionError(f"{path}: duplicate ids {listing(duplicated, SHOWN)}.")
     return values.astype(np.int64)
 
 
@@ -165,10 +161,10 @@ def _check_expected(table: pd.DataFrame, expected_ids: Sequence[str], path: Path
     if missing or extra or len(got) != len(expected):
         parts = [f"{path}: {len(got)} rows but {len(expected)} expected ids"]
         if missing:
-            parts.append(f"missing {len(missing)} ids: {listing(missing)}")
+            parts.append(f"missing {len(missing)} ids: {listing(missing, SHOWN)}")
         if extra:
             line = got.index(extra[0]) + 2
-            parts.append(f"{len(extra)} unexpected ids, first on line {line}: {listing(extra)}")
+            parts.append(f"{len(extra)} unexpected ids, first on line {line}: {listing(extra, SHOWN)}")
         raise SubmissionError("; ".join(parts) + ".")
     for row, (want, have) in enumerate(zip(expected, got)):
         if want != have:
@@ -217,8 +213,11 @@ def validate_submission(path: Path, expected_ids: Sequence[str] | None = None) -
 
 
 def read_sample_submission(data_dir: Path) -> list[str] | None:
-    """The test ids, in order, from `data_dir/sample_submission.csv`; None if that file is absent."""
+    """The test ids, in order, from `data_dir/sample_submission.csv`; None if that file is absent.
+
+    Read as prediction reads it (`archive.read_id_csv`), so a submission is checked against the
+    very ids, in the very order, that `make predict` wrote."""
     path = Path(data_dir) / SAMPLE_SUBMISSION
     if not path.is_file():
         return None
-    return validate_submission(path)[HEADER[0]].tolist()
+    return read_id_csv(path, with_labels=False)["img_name"].tolist()
