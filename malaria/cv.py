@@ -22,7 +22,7 @@ from malaria import errors, runs, splits
 from malaria.atomic import replace_file
 from malaria.cli import build
 from malaria.flags import FoldCount, argument
-from malaria.inference import load, predict_split
+from malaria.inference import load, predict_subset
 from malaria.metrics import classes, score
 from malaria.slide_errors import describe_errors
 
@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         run_dir = run_fold(args.config, args.k, fold, name, args.runs_dir, overrides)
         fold_dirs.append(str(run_dir))
         model, datamodule = load(runs.checkpoint(run_dir))
-        val = predict_split(model, datamodule, split="val")
+        val = predict_subset(model, datamodule, subset="val")
         rows.append({"fold": fold, "images": len(val.ids), **score(val.probs, val.labels)})
         oof.append(pd.DataFrame({"img_name": val.ids, "label": val.labels, "prob": val.probs, "fold": fold}))
 

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from malaria import errors, runs
 from malaria.flags import NonNegativeFloat, argument
-from malaria.inference import load, predict_split, slide_prior
+from malaria.inference import load, predict_subset, slide_prior
 from malaria.metrics import score
 from malaria.priors import DEFAULT_STRENGTH
 
@@ -42,7 +42,7 @@ def holdout_probabilities(run_dir: Path, prior: float = DEFAULT_STRENGTH,
         raise errors.ConfigError(f"{run_dir} trained on every image (data.val_fraction 0): it has no holdout to score.")
     probs = {}
     for tta in (False, True):
-        val = predict_split(model, datamodule, split="val", tta=tta)
+        val = predict_subset(model, datamodule, subset="val", tta=tta)
         ids, labels, probs[tta, False] = val.ids, val.labels, val.probs
     if prior:
         prior_of_slides = slide_prior(datamodule, "val", prior)

@@ -1,8 +1,9 @@
-"""One way from checkpoints to probabilities: every verb that predicts (predict, holdout, cv,
-report, features) goes through `predict_split` and `predict_checkpoints`.
+"""One way from checkpoints to probabilities: the verbs that predict (predict, holdout, cv, report)
+go through `predict_subset` and `predict_checkpoints`; `make features` runs its frozen backbone
+through the same `predict_dataset`.
 
 Prediction runs through `Trainer.predict` with a `PredictionWriter`, so under DDP each rank
-predicts its share and every rank ends with all of the split, each image once, in row order.
+predicts its share and every rank ends with all of the subset, each image once, in row order.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def bare_trainer(**overrides: Any) -> L.Trainer:
 
 @dataclass
 class Predictions:
-    """One split as a model saw it: ids, dataset rows, P(parasitized), labels (None for test)."""
+    """One subset (the holdout or the test set) as a model saw it: ids, dataset rows, P(parasitized), labels (None for test)."""
 
     ids: list[str]
     rows: np.ndarray
@@ -63,13 +64,13 @@ def load(checkpoint: Path, data_dir: str | None = None) -> tuple[MalariaClassifi
     return model, datamodule
 
 
-def split_dataset(datamodule: MalariaDataModule, split: Subset) -> CellDataset:
-    """The un-augmented images of the test set or of the validation split, prepared on first use."""
-    if split not in ("val", "test"):
-        raise errors.ConfigError(f"split must be 'val' or 'test', not {split!r}.")
-    datamodule.prepare(("test",) if split == "test" else ("train",))
-    datamodule.setup("predict" if split == "test" else "validate")
-    if split == "test":
+def subset_dataset(datamodule: MalariaDataModule, subset: Subset) -> CellDataset:
+    """The un-augmented images of the test set or of the holdout, prepared on first use."""
+    if subset not in ("val", "test"):
+        raise errors.ConfigError(f"subset must be 'val' or 'test', not {subset!r}.")
+    datamodule.prepare(("test",) if subset == "test" else ("train",))
+    datamodule.setup("predict" if subset == "test" else "validate")
+    if subset == "test":
         return CellDataset(datamodule.test_cache, np.arange(len(datamodule.test_table)), None)
     return CellDataset(datamodule.train_cache, datamodule.val_rows, datamodule.train_table.labels)
 
@@ -93,14 +94,14 @@ def predict_dataset(module: L.LightningModule, dataset: CellDataset, batch_size:
     return writer.probs
 
 
-def predict_split(model: MalariaClassifier, datamodule: MalariaDataModule, split: Subset = "test",
+def predict_subset(model: MalariaClassifier, datamodule: MalariaDataModule, subset: Subset = "test",
                   tta: bool | None = None, prior: float = 0.0) -> Predictions:
-    """P(parasitized) of the test set or the validation split: with `tta` (default: the model's
+    """P(parasitized) of the test set or the holdout: with `tta` (default: the model's
     own setting) averaged over the 8 dihedral views; with `prior` > 0, each cell's probability
     also weighs its slide's training labels (malaria.priors)."""
-    dataset = split_dataset(datamodule, split)
+    dataset = subset_dataset(datamodule, subset)
     if len(dataset) == 0:
-        raise errors.ConfigError(f"{datamodule.source_dir}: the {split} split is empty (a validation split "
+        raise errors.ConfigError(f"{datamodule.source_dir}: the {subset} subset is empty (a validation split "
                                  "needs data.val_fraction > 0).")
     saved_tta = model.hparams.tta
     if tta is not None:
@@ -109,31 +110,31 @@ def predict_split(model: MalariaClassifier, datamodule: MalariaDataModule, split
         probs = predict_dataset(model, dataset, datamodule.hparams.batch_size, datamodule.num_workers)
     finally:
         model.hparams.tta = saved_tta
-    table = datamodule.test_table if split == "test" else datamodule.train_table
+    table = datamodule.test_table if subset == "test" else datamodule.train_table
     rows = np.asarray(dataset.rows)
     ids = [table.ids[r] for r in rows]
-    labels = None if split == "test" else table.labels[rows].astype(np.int64)
+    labels = None if subset == "test" else table.labels[rows].astype(np.int64)
     if prior:
-        probs = slide_prior(datamodule, split, prior).adjust(ids, probs)
+        probs = slide_prior(datamodule, subset, prior).adjust(ids, probs)
     return Predictions(ids, rows, probs.astype(np.float64), labels)
 
 
-def slide_prior(datamodule: MalariaDataModule, split: Subset, strength: float) -> SlidePrior:
-    """The slide prior from the labels a prediction of `split` may use: every training cell for the
+def slide_prior(datamodule: MalariaDataModule, subset: Subset, strength: float) -> SlidePrior:
+    """The slide prior from the labels a prediction of `subset` may use: every training cell for the
     test set, only the training side of the holdout for the holdout."""
     table = datamodule.train_table if datamodule.train_table is not None else archive.load_train(datamodule.source_dir)
-    rows = np.arange(len(table)) if split == "test" else datamodule.train_rows
+    rows = np.arange(len(table)) if subset == "test" else datamodule.train_rows
     return SlidePrior.fit([table.ids[r] for r in rows], table.labels[rows], strength)
 
 
-def predict_checkpoints(checkpoints: Sequence[Path], split: Subset = "test", data_dir: str | None = None,
+def predict_checkpoints(checkpoints: Sequence[Path], subset: Subset = "test", data_dir: str | None = None,
                         tta: bool | None = None, prior: float = 0.0) -> Predictions:
     """The mean probability over one or several checkpoints, which must predict the same images."""
     first: Predictions | None = None
     total = None
     for checkpoint in checkpoints:
         model, datamodule = load(checkpoint, data_dir)
-        these = predict_split(model, datamodule, split, tta, prior)
+        these = predict_subset(model, datamodule, subset, tta, prior)
         if first is not None and these.ids != first.ids:
             raise errors.ConfigError(f"{checkpoint} predicts other images than {checkpoints[0]}.")
         first = first or these

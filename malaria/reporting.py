@@ -3,7 +3,8 @@
 Built once at the end of training by the `RunReport` callback (which every run gets, see
 `malaria.cli.Infrastructure`), so no epoch gets slower, or on demand by `malaria.report`.
 Everything is computed from the run's best checkpoint on its validation split: cells the model
-never trained on, in the same slide-wise split as during training.
+never trained on, split as the run's own `data.split` split it (random cells by default, whole
+slides with `data.split: slide`).
 """
 
 from __future__ import annotations
@@ -29,10 +30,9 @@ from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocC
 from torch import nn
 from torchvision.utils import make_grid
 
-from malaria import tracking
 from malaria.atomic import replace_file, write_text
 from malaria.datamodule import MalariaDataModule
-from malaria.inference import predict_split
+from malaria.inference import predict_subset
 from malaria.metrics import CLASSES, THRESHOLD, classes, score
 from malaria.module import MalariaClassifier
 from malaria.slide_errors import describe_errors
@@ -86,7 +86,7 @@ class Report:
 
 def predict_validation(model: MalariaClassifier, datamodule: MalariaDataModule) -> ValPredictions:
     """P(parasitized) for every validation cell, without TTA, as `val/acc` was measured in training."""
-    val = predict_split(model, datamodule, "val", tta=False)
+    val = predict_subset(model, datamodule, "val", tta=False)
     return ValPredictions(ids=val.ids, rows=val.rows, labels=val.labels, probs=val.probs,
                           pixels=np.load(datamodule.train_cache, mmap_mode="r"),
                           split_summary=datamodule.split_summary)
@@ -423,7 +423,7 @@ class RunReport(Callback):
         predictions = predict_validation(model, getattr(trainer.datamodule, "images", trainer.datamodule))
         report = build_report(run_dir, model, predictions, Path(checkpoint) if checkpoint else None,
                               self.gradcam_per_group, self.mistakes, self.seed)
-        wandb_logger = tracking.find_wandb_logger(trainer.loggers)
+        wandb_logger = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
         if wandb_logger is not None:
             log_to_wandb(wandb_logger, report, predictions, self.wandb_samples, self.seed,
                          trainer.global_step)

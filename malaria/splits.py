@@ -1,10 +1,11 @@
-"""Train/validation splits that never put one slide (patient) on both sides.
+"""Train/validation splits and folds: of random cells, or of whole slides (patients).
 
-Cells from one smear share stain, focus and parasite stage, so a random split lets a model
-score well by recognising slides. NIH file names carry the slide in their prefix:
-`C33P1thinF_IMG_..._cell_179.png` comes from slide C33P1, `C1_...` from healthy slide C1.
-`split="random"` ignores slides, as the competition's own test split does: it measures the
-leaderboard-like figure, which rewards recognising slides.
+`split="random"`, the default recipe's holdout, draws cells as the competition draws its test
+cells from the same slides: it measures the leaderboard-like figure, which rewards recognising
+slides. `split="slide"` never puts one slide on both sides (`make cv` always uses it): cells from
+one smear share stain, focus and parasite stage, so only whole slides measure what a new patient
+will see. NIH file names carry the slide in their prefix: `C33P1thinF_IMG_..._cell_179.png` comes
+from slide C33P1, `C1_...` from healthy slide C1.
 """
 
 from __future__ import annotations

@@ -34,5 +34,7 @@ def test_test_ids_follow_sample_submission_order(tmp_path: Path) -> None:
 
 def test_has_competition(tmp_path: Path) -> None:
     assert not archive.has_competition(tmp_path)
-    assert archive.has_competition(write_competition(tmp_path))
-    assert isinstance(archive.load_train(tmp_path).labels, np.ndarray)
+    assert archive.has_competition(write_competition(tmp_path, n=6))
+    table = archive.load_train(tmp_path)
+    assert table.labels.tolist() == [0, 1, 0, 1, 0, 1]  # as write_competition labels them, in CSV order
+    assert table.members == [f"train/{name}" for name in table.ids]

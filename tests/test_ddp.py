@@ -49,9 +49,13 @@ class Recorder(L.Callback):
     def __init__(self, out_dir: str) -> None:
         self.out_dir = Path(out_dir)
         self.epochs: dict[int, dict[str, list]] = {}
+        self.start: torch.Tensor | None = None
 
     def _epoch(self, trainer: L.Trainer) -> dict[str, list]:
         return self.epochs.setdefault(trainer.current_epoch, {"train": [], "val": [], "probs": [], "labels": []})
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = torch.cat([p.detach().flatten() for p in pl_module.net.parameters()]).clone()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._epoch(trainer)["train"] += batch[2].tolist()
@@ -70,8 +74,9 @@ class Recorder(L.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         weights = torch.cat([p.detach().flatten() for p in pl_module.net.parameters()])
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        classifier = sum(p.numel() for p in pl_module.net.get_classifier().parameters())
         record = {"rank": trainer.global_rank, "world_size": trainer.world_size, "epochs": self.epochs,
-                  "weights": weights.tolist()}
+                  "weights": weights.tolist(), "trained": int((weights != self.start).sum()), "classifier": classifier}
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
@@ -178,6 +183,7 @@ def test_fine_tuning_keeps_the_replicas_identical_after_unfreezing(demo_dir: Pat
     gradient all-reduce, so once a fine-tuning callback unfreezes them each rank trains its own copy."""
     _, records = fit_ddp(demo_dir, tmp_path, "finetune",
                          "--trainer.callbacks+=malaria.finetune.FineTune", "--trainer.callbacks.unfreeze", "{1: all}")
+    assert records[0]["trained"] > records[0]["classifier"]  # the backbone was unfrozen and trained
     before = np.array(records[0]["weights"])
     assert records[0]["weights"] == records[1]["weights"], (
         f"ranks diverged after unfreezing: max difference {np.abs(before - np.array(records[1]['weights'])).max():.3g}")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from malaria import archive
 from malaria.demo import DEMO_FILES, MARKER, MARKER_HEADING, main, make_demo_competition
 
 N_TRAIN, N_TEST = 60, 20
@@ -192,6 +193,9 @@ def test_fills_an_empty_folder(tmp_path: Path) -> None:
     (tmp_path / "d").mkdir()
     out = make_demo_competition(tmp_path / "d", 8, 4, seed=0)
     assert sorted(p.name for p in out.iterdir()) == sorted([*DEMO_FILES, MARKER])
+    train, test = archive.load_train(out), archive.load_test(out)  # a competition the pipeline reads
+    assert len(train) == 8 and set(train.labels.tolist()) == {0, 1}
+    assert len(test) == 4
 
 
 def test_rejects_too_few_images(tmp_path: Path) -> None:
