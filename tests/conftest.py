@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from malaria.demo import make_demo_competition
+from malaria.data.demo import make_demo_competition
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "dev"
 

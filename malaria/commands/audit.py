@@ -1,6 +1,6 @@
 """Label audit: the training cells whose labels the out-of-fold predictions most distrust.
 
-    python -m malaria.audit --run runs/<cv name>     # after `make cv`: reads runs/<cv name>-oof.csv
+    python -m malaria.commands.audit --run runs/<cv name>     # after `make cv`: reads runs/<cv name>-oof.csv
 
 Confident learning (`cleanlab.filter.find_label_issues`) on slide-grouped out-of-fold
 probabilities: a cell is suspect when a model that never saw it, nor any cell of its slide, is
@@ -23,11 +23,14 @@ import yaml
 from cleanlab.filter import find_label_issues
 from matplotlib.figure import Figure
 
-from malaria import archive, cache, errors, splits
-from malaria.atomic import replace_file, write_text
-from malaria.flags import PositiveInt, argument
-from malaria.metrics import CLASSES
-from malaria.reporting import image_grid
+from malaria.data import archive
+from malaria.data import cache
+from malaria.common import errors
+from malaria.data import splits
+from malaria.common.atomic import replace_file, write_text
+from malaria.common.flags import PositiveInt, argument
+from malaria.model.metrics import CLASSES
+from malaria.evaluation.run_report import image_grid
 
 COLUMNS = ["img_name", "label", "prob_given", "rank", "slide"]
 

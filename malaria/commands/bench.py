@@ -1,6 +1,6 @@
 """Throughput of the data pipeline and the model: `make bench`, or
 
-    python -m malaria.bench [--data.data_dir ../shared/realdata/dev] [--config configs/default.yaml]
+    python -m malaria.commands.bench [--data.data_dir ../shared/realdata/dev] [--config configs/default.yaml]
                             [--batches 8] [--data_batches 40] [--warmup 2] [--compile]
                             [--model.channels_last false ...]
 
@@ -13,7 +13,7 @@ for the project's pipeline and for a naive one that decodes every PNG from the z
 used and runs all augmentation image by image on the CPU, with the same model and augmentation.
 Each stage times a fixed number of batches after a warm-up, cycling through the data if needed, so a
 run takes minutes whatever the data size. Without competition files it runs on the demo data.
-Options after the bench's own are recipe overrides, as for `malaria.train`. One JSON object per line
+Options after the bench's own are recipe overrides, as for `malaria.commands.train`. One JSON object per line
 goes to stdout; a table and the logs go to stderr.
 """
 
@@ -45,15 +45,16 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader
 
-from malaria import cache, errors
-from malaria.cli import build
-from malaria.flags import PositiveInt, argument
-from malaria.archive import ImageTable
-from malaria.sampling import ResumableSampler
-from malaria.datamodule import CellDataset, MalariaDataModule, default_workers, whole_batch
-from malaria.inference import bare_trainer, default_precision
-from malaria.module import MalariaClassifier
-from malaria.transforms import train_transform
+from malaria.data import cache
+from malaria.common import errors
+from malaria.run.cli import build
+from malaria.common.flags import PositiveInt, argument
+from malaria.data.archive import ImageTable
+from malaria.data.sampling import ResumableSampler
+from malaria.data.datamodule import CellDataset, MalariaDataModule, default_workers, whole_batch
+from malaria.prediction.predictor import bare_trainer, default_precision
+from malaria.model.classifier import MalariaClassifier
+from malaria.data.augmentation import train_transform
 
 STAGES = ("decode", "data", "train", "predict")
 PIPELINES = ("project", "naive")
@@ -199,7 +200,7 @@ def _trainer(stopwatch: Stopwatch, steps: int) -> L.Trainer:
 
 
 def time_train(model: MalariaClassifier, warmup: int, count: int, pipeline: str, **fit_kwargs: Any) -> Result:
-    """Optimisation steps, through the same Lightning loop as `malaria.train`."""
+    """Optimisation steps, through the same Lightning loop as `malaria.commands.train`."""
     stopwatch = Stopwatch(warmup)
     _trainer(stopwatch, warmup + count).fit(model, **fit_kwargs)
     return Result("train", pipeline, stopwatch.images, stopwatch.seconds)

@@ -1,4 +1,4 @@
-"""K-fold cross-validation grouped by slide: `python -m malaria.cv --k 5 [training overrides]`.
+"""K-fold cross-validation grouped by slide: `python -m malaria.commands.cv --k 5 [training overrides]`.
 
 Grouped by slide whatever the recipe's holdout, since that is the figure unseen patients will see;
 `--data.split random` gives the cell-level figure the leaderboard's random test split rewards.
@@ -18,13 +18,15 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from malaria import errors, runs, splits
-from malaria.atomic import replace_file
-from malaria.cli import build
-from malaria.flags import FoldCount, argument
-from malaria.inference import load, predict_subset
-from malaria.metrics import classes, score
-from malaria.slide_errors import describe_errors
+from malaria.common import errors
+from malaria.run import run_dirs
+from malaria.data import splits
+from malaria.common.atomic import replace_file
+from malaria.run.cli import build
+from malaria.common.flags import FoldCount, argument
+from malaria.prediction.predictor import load, predict_subset
+from malaria.model.metrics import classes, score
+from malaria.evaluation.slide_errors import describe_errors
 
 
 def run_fold(config: str, k: int, fold: int, name: str, runs_dir: Path, overrides: Sequence[str]) -> Path:
@@ -54,16 +56,16 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--config", default="configs/default.yaml")
     parser.add_argument("--k", type=argument(FoldCount), default=5, help="folds (at least 2)")
     parser.add_argument("--name", default=None, help="runs are <name>-fold<i> (default: <recipe>-cv<k>-<time>)")
-    parser.add_argument("--runs_dir", type=Path, default=runs.RUNS_DIR)
+    parser.add_argument("--runs_dir", type=Path, default=run_dirs.RUNS_DIR)
     # Anything else is a training override, e.g. --data.data_dir data --trainer.max_epochs 5.
     args, overrides = parser.parse_known_args(argv)
-    name = args.name or runs.new_run_name(args.config, tag=f"cv{args.k}")
+    name = args.name or run_dirs.new_run_name(args.config, tag=f"cv{args.k}")
 
     rows, oof, fold_dirs = [], [], []
     for fold in range(args.k):
         run_dir = run_fold(args.config, args.k, fold, name, args.runs_dir, overrides)
         fold_dirs.append(str(run_dir))
-        model, datamodule = load(runs.checkpoint(run_dir))
+        model, datamodule = load(run_dirs.checkpoint(run_dir))
         val = predict_subset(model, datamodule, subset="val")
         rows.append({"fold": fold, "images": len(val.ids), **score(val.probs, val.labels)})
         oof.append(pd.DataFrame({"img_name": val.ids, "label": val.labels, "prob": val.probs, "fold": fold}))
@@ -74,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     split = datamodule.hparams.split
     summary = {"name": name, "k": args.k, "split": split, "folds": rows,
                "mean": per_fold.mean(numeric_only=True).to_dict(), "std": per_fold.std(numeric_only=True).to_dict()}
-    runs.write_json(args.runs_dir / f"{name}-cv.json", summary)
+    run_dirs.write_json(args.runs_dir / f"{name}-cv.json", summary)
     console = Console()
     console.print(summarise(per_fold, split))
     right = pd.Series(classes(table["prob"].to_numpy()) == table["label"].to_numpy(), index=table["img_name"])

@@ -1,11 +1,11 @@
 """Fast feature extraction: the frozen backbone runs once over the un-augmented training images,
 its pooled features are cached, and only the new classifier trains on them.
 
-    python -m malaria.features --config configs/resnet18_features.yaml [--data.data_dir D] [--run NAME]
+    python -m malaria.commands.features --config configs/resnet18_features.yaml [--data.data_dir D] [--run NAME]
 
-It is `malaria.train`'s CLI with `fit` implied, so the run directory, loggers, callbacks and
+It is `malaria.commands.train`'s CLI with `fit` implied, so the run directory, loggers, callbacks and
 resume work the same. Checkpoints are plain MalariaClassifier checkpoints (frozen backbone +
-trained classifier): `malaria.predict` predicts from images, with TTA, as after any other run.
+trained classifier): `malaria.commands.predict` predicts from images, with TTA, as after any other run.
 Features are cached beside the decoded images, keyed by the image cache and the backbone's
 weights, so another run with other head settings (lr, epochs) never runs the backbone again. The
 classifier trains on standardised features (see `FeatureHead`): a linear probe on raw pooled
@@ -26,12 +26,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from malaria import errors
-from malaria.atomic import replace_file
-from malaria.cli import MalariaCLI, build
-from malaria.datamodule import CellDataset, MalariaDataModule
-from malaria.inference import bare_trainer, predict_dataset
-from malaria.module import Batch, MalariaClassifier
+from malaria.common import errors
+from malaria.common.atomic import replace_file
+from malaria.run.cli import MalariaCLI, build
+from malaria.data.datamodule import CellDataset, MalariaDataModule
+from malaria.prediction.predictor import bare_trainer, predict_dataset
+from malaria.model.classifier import Batch, MalariaClassifier
 
 STANDARDISATION = "feature_standardisation"  # checkpoint entry: the classifier as it trains
 
@@ -60,7 +60,7 @@ class FeatureHead(MalariaClassifier):
         classifier = self.net.get_classifier()
         if not isinstance(classifier, nn.Linear) or classifier.bias is None:
             raise TypeError(f"Feature extraction trains a linear classifier; {self.hparams.model}'s is "
-                            f"{type(classifier).__name__}. Use malaria.train with FeatureExtraction instead.")
+                            f"{type(classifier).__name__}. Use malaria.commands.train with FeatureExtraction instead.")
         return next(n for n, m in self.named_modules() if m is classifier), classifier
 
     def _folded(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +172,7 @@ class FeatureDataModule(L.LightningDataModule):
     """Batches of cached features, split into train and validation rows as `images` splits them.
 
     Its hyperparameters are the image datamodule's, so a checkpoint rebuilds the image data for
-    `malaria.predict`."""
+    `malaria.commands.predict`."""
 
     def __init__(self, images: MalariaDataModule, features: torch.Tensor) -> None:
         super().__init__()
@@ -213,7 +213,7 @@ class FeaturesCLI(MalariaCLI):
 
 
 def main(args: list[str] | None = None) -> FeaturesCLI:
-    """`python -m malaria.features [fit options]`: the `fit` subcommand is implied."""
+    """`python -m malaria.commands.features [fit options]`: the `fit` subcommand is implied."""
     args = sys.argv[1:] if args is None else args
     return build(["fit", *args], cli=FeaturesCLI, model=FeatureHead)
 

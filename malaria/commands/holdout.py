@@ -1,6 +1,6 @@
 """Score runs and their ensemble on the holdout they share, with and without TTA and slide prior.
 
-    python -m malaria.holdout --run runs/a runs/b runs/c
+    python -m malaria.commands.holdout --run runs/a runs/b runs/c
 
 Choosing an ensemble or TTA by the leaderboard (or a dev answer key) spends submissions and fits
 the choice to the test set. Runs trained with the same data settings (`data.seed`, `data.split`,
@@ -20,11 +20,12 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from malaria import errors, runs
-from malaria.flags import NonNegativeFloat, argument
-from malaria.inference import load, predict_subset, slide_prior
-from malaria.metrics import score
-from malaria.priors import DEFAULT_STRENGTH
+from malaria.common import errors
+from malaria.run import run_dirs
+from malaria.common.flags import NonNegativeFloat, argument
+from malaria.prediction.predictor import load, predict_subset, slide_prior
+from malaria.model.metrics import score
+from malaria.prediction.slide_prior import DEFAULT_STRENGTH
 
 ENSEMBLE = "ensemble (mean probability)"
 
@@ -37,7 +38,7 @@ def holdout_probabilities(run_dir: Path, prior: float = DEFAULT_STRENGTH,
                           ) -> tuple[list[str], np.ndarray, dict[Views, np.ndarray]]:
     """Ids and labels of a run's own holdout, and its probabilities of parasitized with TTA off and
     on, each without and with the slide prior of the holdout's training side (`prior` 0: without)."""
-    model, datamodule = load(runs.checkpoint(run_dir))
+    model, datamodule = load(run_dirs.checkpoint(run_dir))
     if datamodule.hparams.val_fraction == 0:
         raise errors.ConfigError(f"{run_dir} trained on every image (data.val_fraction 0): it has no holdout to score.")
     probs = {}
@@ -93,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
                         metavar="STRENGTH", help="pseudo-cells of the slide prior's shrinkage "
                                                  f"(default {DEFAULT_STRENGTH}; 0: no slide prior)")
     args = parser.parse_args(argv)
-    run_dirs = args.run or [runs.latest_run()]
+    run_dirs = args.run or [run_dirs.latest_run()]
     scores = score_runs(run_dirs, args.slide_prior)
     Console().print(render(scores))
     return scores

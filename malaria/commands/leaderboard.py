@@ -4,8 +4,8 @@ Uses the official `kaggle` client. Every attempt to submit, dry runs included, i
 `submissions/history.csv` with the file's sha256, so a leaderboard score can always be traced
 back to the exact CSV, run and config that produced it.
 
-    python -m malaria.leaderboard download [--competition X] [--data.data_dir data]
-    python -m malaria.leaderboard submit [--file F] [--message M] [--dry_run] [--competition X]
+    python -m malaria.commands.leaderboard download [--competition X] [--data.data_dir data]
+    python -m malaria.commands.leaderboard submit [--file F] [--message M] [--dry_run] [--competition X]
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from typing import Any
 import requests
 import yaml
 
-from malaria.archive import DEMO_SUBDIR, SAMPLE_SUBMISSION, missing_files
-from malaria.atomic import replace_file, stage_file
-from malaria import errors
-from malaria.errors import UserError
-from malaria.submit import (
+from malaria.data.archive import DEMO_SUBDIR, SAMPLE_SUBMISSION, missing_files
+from malaria.common.atomic import replace_file, stage_file
+from malaria.common import errors
+from malaria.common.errors import UserError
+from malaria.prediction.submission import (
     HISTORY_NAME,
     SubmissionError,
     newest_submission,
@@ -228,7 +228,7 @@ def _missing_sample_hint(data_dir: Path) -> str:
     if (demo / SAMPLE_SUBMISSION).exists():
         return (f"{data_dir} holds only the generated demo competition, which Kaggle does not score. Check a demo "
                 f"submission with `make submit DRY_RUN=1 DATA_DIR={demo}`, or run `make data` for the real files.")
-    return "run `make data` (python -m malaria.leaderboard download) first."
+    return "run `make data` (python -m malaria.commands.leaderboard download) first."
 
 
 def submit(
@@ -282,7 +282,7 @@ def submit(
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m malaria.leaderboard", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m malaria.commands.leaderboard", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("download", "fetch the competition files"), ("submit", "upload a submission")):
         command = commands.add_parser(name, help=help_text)

@@ -1,4 +1,4 @@
-"""Lightning's learning-rate range test on a recipe: `python -m malaria.lr_find --config configs/default.yaml`.
+"""Lightning's learning-rate range test on a recipe: `python -m malaria.commands.lr_find --config configs/default.yaml`.
 
 Prints the suggested `model.lr` and saves the loss-vs-LR plot to `runs/lr_find-<recipe>.png`.
 """
@@ -15,8 +15,8 @@ matplotlib.use("Agg")
 
 from lightning.pytorch.tuner import Tuner
 
-from malaria import errors
-from malaria.cli import build as build_cli
+from malaria.common import errors
+from malaria.run.cli import build as build_cli
 
 
 def main(argv: Sequence[str] | None = None) -> float | None:

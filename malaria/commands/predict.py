@@ -1,9 +1,9 @@
 """Predict the test set with one run, or an ensemble of runs, and write a submission CSV.
 
-    python -m malaria.predict                       # the latest run's best checkpoint
-    python -m malaria.predict --run runs/a runs/b   # average the probabilities of several runs
-    python -m malaria.predict --checkpoint last     # the final weights instead of the best epoch
-    python -m malaria.predict --slide_prior 0       # the images alone, without their slides' priors
+    python -m malaria.commands.predict                       # the latest run's best checkpoint
+    python -m malaria.commands.predict --run runs/a runs/b   # average the probabilities of several runs
+    python -m malaria.commands.predict --checkpoint last     # the final weights instead of the best epoch
+    python -m malaria.commands.predict --slide_prior 0       # the images alone, without their slides' priors
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from malaria import errors, runs
-from malaria.flags import NonNegativeFloat, argument
-from malaria.inference import predict_checkpoints
-from malaria.metrics import classes
-from malaria.priors import DEFAULT_STRENGTH
-from malaria.submit import default_submission_path, write_submission
+from malaria.common import errors
+from malaria.run import run_dirs
+from malaria.common.flags import NonNegativeFloat, argument
+from malaria.prediction.predictor import predict_checkpoints
+from malaria.model.metrics import classes
+from malaria.prediction.slide_prior import DEFAULT_STRENGTH
+from malaria.prediction.submission import default_submission_path, write_submission
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--data.data_dir", dest="data_dir", default=None, help="competition folder (default: the run's own)")
     parser.add_argument("--out", type=Path, default=None,
                         help="submission path (default: submissions/<run>-<time>.csv)")
-    parser.add_argument("--checkpoint", choices=runs.CHECKPOINTS, default="best",
+    parser.add_argument("--checkpoint", choices=run_dirs.CHECKPOINTS, default="best",
                         help="each run's best holdout epoch (default) or its final weights")
     parser.add_argument("--slide_prior", type=argument(NonNegativeFloat), default=DEFAULT_STRENGTH, metavar="STRENGTH",
                         help="weigh each cell's slide by the training labels of that slide, shrunk by "
@@ -45,12 +46,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if args.out is not None and args.out.exists():
         parser.error(f"argument --out: {args.out} already exists; a submission is never overwritten.")
-    run_dirs = args.run or [runs.latest_run()]
-    checkpoints = [runs.checkpoint(r, args.checkpoint) for r in run_dirs]
+    run_dirs = args.run or [run_dirs.latest_run()]
+    checkpoints = [run_dirs.checkpoint(r, args.checkpoint) for r in run_dirs]
     predicted = predict_checkpoints(checkpoints, "test", args.data_dir, args.tta, args.slide_prior)
     name = "+".join(r.name for r in run_dirs)
     out = args.out or default_submission_path(name)
-    summaries = [runs.read_summary(r) for r in run_dirs]
+    summaries = [run_dirs.read_summary(r) for r in run_dirs]
     accuracies = [s["best_val_acc"] for s in summaries if s.get("best_val_acc") is not None]
     metadata = {
         "runs": [r.name for r in run_dirs],

@@ -1,6 +1,6 @@
 """Score submissions against an answer key, and tell a real difference between two from noise.
 
-    python -m malaria.scoring submissions/a.csv [submissions/b.csv ...] --answers data/test_labels.csv
+    python -m malaria.commands.score submissions/a.csv [submissions/b.csv ...] --answers data/test_labels.csv
 
 `make score` runs it. Each file is validated and scored (accuracy, the leaderboard's metric, and
 which slides hold the errors); each file after the first is also compared with the first, image
@@ -17,10 +17,10 @@ from pathlib import Path
 import pandas as pd
 from scipy.stats import binomtest
 
-from malaria import errors
-from malaria.slide_errors import describe_errors
-from malaria.errors import listing
-from malaria.submit import HEADER, SHOWN, SubmissionError, newest_submission, validate_submission
+from malaria.common import errors
+from malaria.evaluation.slide_errors import describe_errors
+from malaria.common.errors import listing
+from malaria.prediction.submission import HEADER, SHOWN, SubmissionError, newest_submission, validate_submission
 
 
 def correct(path: Path, answers: Path) -> pd.Series:
@@ -38,7 +38,7 @@ def correct(path: Path, answers: Path) -> pd.Series:
     return pd.Series(table[HEADER[1]].to_numpy() == truth[ids].to_numpy(), index=ids.to_numpy())
 
 
-def score(path: Path, answers: Path) -> float:
+def accuracy(path: Path, answers: Path) -> float:
     """Accuracy of a submission against an answer key in the same format (the leaderboard's metric)."""
     return float(correct(path, answers).mean())
 
@@ -66,7 +66,7 @@ def compare(a: pd.Series, b: pd.Series) -> Comparison:
 
 
 def main(argv: Sequence[str] | None = None) -> list[float] | None:
-    """`python -m malaria.scoring [FILE ...] [--answers KEY]`: validate submissions, score them given a key.
+    """`python -m malaria.commands.score [FILE ...] [--answers KEY]`: validate submissions, score them given a key.
 
     Given several files and a key, each after the first is also compared with the first, image by image."""
     parser = argparse.ArgumentParser(description=main.__doc__)

@@ -1,6 +1,6 @@
-"""Training entry point: `python -m malaria.train fit --config configs/default.yaml`.
+"""Training entry point: `python -m malaria.commands.train fit --config configs/default.yaml`.
 
-`malaria.cli.MalariaCLI` builds the model, data and trainer from the YAML recipe, in its own run
+`malaria.run.cli.MalariaCLI` builds the model, data and trainer from the YAML recipe, in its own run
 directory (`runs/<name>/`) with the checkpoints, loggers, report and summary every run gets.
 Resume an interrupted run with
 `--config runs/<name>/config.yaml --ckpt_path runs/<name>/checkpoints/last.ckpt` (`make train RESUME=runs/<name>`).
@@ -11,8 +11,8 @@ trains, for the recipe's epochs, and the final weights are the run's `best.ckpt`
 
 from __future__ import annotations
 
-from malaria import errors
-from malaria.cli import MalariaCLI, build
+from malaria.common import errors
+from malaria.run.cli import MalariaCLI, build
 
 
 def main(args: list[str] | None = None, run: bool = True) -> MalariaCLI:

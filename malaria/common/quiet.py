@@ -1,6 +1,6 @@
 """What Lightning prints that a user of this project need not read, silenced in one place.
 
-Imported by every module that builds a `Trainer` (the CLI's runs and `malaria.inference`, which
+Imported by every module that builds a `Trainer` (the CLI's runs and `malaria.prediction.predictor`, which
 every predicting verb goes through), so `make predict` is as quiet as `make train`.
 """
 

@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
-from malaria.errors import UserError, listing
+from malaria.common.errors import UserError, listing
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ import numpy as np
 from PIL import Image
 from rich.progress import track
 
-from malaria import atomic
-from malaria.archive import DataError, ImageTable
+from malaria.common import atomic
+from malaria.data.archive import DataError, ImageTable
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,13 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from malaria import archive, cache, splits
-from malaria.errors import ConfigError
-from malaria.flags import Fraction, NonNegativeInt, PositiveInt
-from malaria.sampling import ResumableLoader, ResumableSampler
-from malaria.transforms import Augment, train_transform
+from malaria.data import archive
+from malaria.data import cache
+from malaria.data import splits
+from malaria.common.errors import ConfigError
+from malaria.common.flags import Fraction, NonNegativeInt, PositiveInt
+from malaria.data.sampling import ResumableLoader, ResumableSampler
+from malaria.data.augmentation import Augment, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +174,7 @@ class MalariaDataModule(L.LightningDataModule):
             cache.build(table, self.hparams.image_size, self.cache_dir, split)
 
     def _make_demo(self) -> None:
-        from malaria.demo import make_demo_competition
+        from malaria.data.demo import make_demo_competition
 
         log.warning(
             "\n%s\nNo competition files in %s: training on SYNTHETIC DEMO DATA in %s.\n"

@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from malaria.errors import ConfigError
+from malaria.common.errors import ConfigError
 
 Split = Literal["slide", "random"]
 

@@ -1,7 +1,7 @@
 """What a run learned, in pictures: `runs/<name>/report.md` with curves, errors and Grad-CAM maps.
 
 Built once at the end of training by the `RunReport` callback (which every run gets, see
-`malaria.cli.Infrastructure`), so no epoch gets slower, or on demand by `malaria.report`.
+`malaria.run.cli.Infrastructure`), so no epoch gets slower, or on demand by `malaria.commands.report`.
 Everything is computed from the run's best checkpoint on its validation split: cells the model
 never trained on, split as the run's own `data.split` split it (random cells by default, whole
 slides with `data.split: slide`).
@@ -30,12 +30,12 @@ from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocC
 from torch import nn
 from torchvision.utils import make_grid
 
-from malaria.atomic import replace_file, write_text
-from malaria.datamodule import MalariaDataModule
-from malaria.inference import predict_subset
-from malaria.metrics import CLASSES, THRESHOLD, classes, score
-from malaria.module import MalariaClassifier
-from malaria.slide_errors import describe_errors
+from malaria.common.atomic import replace_file, write_text
+from malaria.data.datamodule import MalariaDataModule
+from malaria.prediction.predictor import predict_subset
+from malaria.model.metrics import CLASSES, THRESHOLD, classes, score
+from malaria.model.classifier import MalariaClassifier
+from malaria.evaluation.slide_errors import describe_errors
 
 log = logging.getLogger(__name__)
 
@@ -409,7 +409,7 @@ class RunReport(Callback):
             report = self.build(trainer, pl_module, run_dir)
         except Exception:
             log.exception("Could not build the run report; the run itself is complete. "
-                          "Retry with `python -m malaria.report --run %s`.", run_dir)
+                          "Retry with `python -m malaria.commands.report --run %s`.", run_dir)
             return
         print(f"Report: {report.markdown} ({len(report.figures)} figures)")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from malaria import splits
+from malaria.data import splits
 
 
 def by_slide(right: pd.Series) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""The LightningModule: a timm-interface network, one shared step, binary metrics (malaria.metrics)."""
+"""The LightningModule: a timm-interface network, one shared step, binary metrics (malaria.model.metrics)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 from torchmetrics import MaxMetric
 
-from malaria.datamodule import Batch
-from malaria.flags import Fraction, NonNegativeFloat, PositiveFloat
-from malaria.metrics import binary_metrics
-from malaria.models import create_model
-from malaria.transforms import Augment, BatchAugment, dihedral_views, random_dihedral
+from malaria.data.datamodule import Batch
+from malaria.common.flags import Fraction, NonNegativeFloat, PositiveFloat
+from malaria.model.metrics import binary_metrics
+from malaria.model.networks import create_model
+from malaria.data.augmentation import Augment, BatchAugment, dihedral_views, random_dihedral
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, floor: float = 0.01):

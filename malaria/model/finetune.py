@@ -1,7 +1,7 @@
 """Transfer learning as Lightning callbacks, for any timm backbone, chosen in the trainer config.
 
 `FeatureExtraction` freezes the whole backbone for the run, so only the new classifier trains
-(on augmented images here, or on cached features with malaria/features.py). `FineTune` starts
+(on augmented images here, or on cached features with malaria/commands/features.py). `FineTune` starts
 the same way, then unfreezes the top layer groups at the epochs it is given, each at a fraction
 of the classifier's learning rate.
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import timm
 import torch
 
-from malaria.errors import UserError
+from malaria.common.errors import UserError
 
 
 class WeightsError(UserError, RuntimeError):

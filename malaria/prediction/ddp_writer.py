@@ -5,9 +5,9 @@ share only. `PredictionWriter` gathers the `{"rows", "probs"}` of `MalariaClassi
 from all ranks, drops the repeats that a padding sampler adds (by row index), checks that every
 image was predicted once, and, given `out`, writes the submission from rank 0 alone:
 
-    python -m malaria.train predict --config runs/<run>/config.yaml --ckpt_path runs/<run>/checkpoints/best.ckpt \\
+    python -m malaria.commands.train predict --config runs/<run>/config.yaml --ckpt_path runs/<run>/checkpoints/best.ckpt \\
         --trainer.devices 2 --trainer.strategy ddp \\
-        --trainer.callbacks+=malaria.writer.PredictionWriter --trainer.callbacks.out submissions/x.csv
+        --trainer.callbacks+=malaria.prediction.ddp_writer.PredictionWriter --trainer.callbacks.out submissions/x.csv
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from malaria.metrics import THRESHOLD
-from malaria.submit import write_submission
+from malaria.model.metrics import THRESHOLD
+from malaria.prediction.submission import write_submission
 
 
 def gather(obj: Any, world_size: int) -> list[Any]:
@@ -57,7 +57,7 @@ class PredictionWriter(BasePredictionWriter):
     Every rank ends with the same complete `rows` and `probs`; with `out`, global rank 0 writes them
     as a submission (`img_name,label`, label 1 when the probability is at least `threshold`).
     `key` names the entry of each `predict_step` output gathered beside "rows": "probs", or the
-    pooled features of malaria.features."""
+    pooled features of malaria.commands.features."""
 
     def __init__(self, out: str | None = None, threshold: float = THRESHOLD, key: str = "probs") -> None:
         super().__init__(write_interval="epoch")

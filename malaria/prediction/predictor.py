@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from malaria import archive, errors, quiet  # noqa: F401 (quiet: silences Lightning's noise on import)
-from malaria.datamodule import CellDataset, MalariaDataModule, whole_batch
-from malaria.module import MalariaClassifier
-from malaria.priors import SlidePrior
-from malaria.writer import PredictionWriter
+from malaria.common import errors, quiet  # noqa: F401 (quiet: silences Lightning's noise on import)
+from malaria.data import archive
+from malaria.data.datamodule import CellDataset, MalariaDataModule, whole_batch
+from malaria.model.classifier import MalariaClassifier
+from malaria.prediction.slide_prior import SlidePrior
+from malaria.prediction.ddp_writer import PredictionWriter
 
 Subset = Literal["val", "test"]  # the holdout of the training images, or the test set
 
@@ -98,7 +99,7 @@ def predict_subset(model: MalariaClassifier, datamodule: MalariaDataModule, subs
                   tta: bool | None = None, prior: float = 0.0) -> Predictions:
     """P(parasitized) of the test set or the holdout: with `tta` (default: the model's
     own setting) averaged over the 8 dihedral views; with `prior` > 0, each cell's probability
-    also weighs its slide's training labels (malaria.priors)."""
+    also weighs its slide's training labels (malaria.prediction.slide_prior)."""
     dataset = subset_dataset(datamodule, subset)
     if len(dataset) == 0:
         raise errors.ConfigError(f"{datamodule.source_dir}: the {subset} subset is empty (a validation split "

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from scipy import special
 
-from malaria import splits
+from malaria.data import splits
 
 DEFAULT_STRENGTH = 1.0  # chosen on the `full` holdout (docs/results.md)
 EPS = 1e-6

@@ -3,7 +3,7 @@
 A submission is a file the user keeps and uploads, so it is never overwritten: each run writes a
 new time-stamped file, published atomically so that a crash never leaves half a CSV behind.
 An optional `<file>.csv.json` sidecar records what produced it (runs, checkpoints, val_acc,
-config, tta); `malaria.leaderboard` turns it into the Kaggle submission message.
+config, tta); `malaria.commands.leaderboard` turns it into the Kaggle submission message.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from malaria import errors
-from malaria.errors import listing
-from malaria.archive import SAMPLE_SUBMISSION, read_id_csv
-from malaria.atomic import stage_file
+from malaria.common import errors
+from malaria.common.errors import listing
+from malaria.data.archive import SAMPLE_SUBMISSION, read_id_csv
+from malaria.common.atomic import stage_file
 
 HEADER = ("img_name", "label")
-HISTORY_NAME = "history.csv"  # the Kaggle upload log that malaria.leaderboard keeps in submissions/
+HISTORY_NAME = "history.csv"  # the Kaggle upload log that malaria.commands.leaderboard keeps in submissions/
 LABELS = ("0", "1")
 SHOWN = 3  # how many offending ids an error message lists (errors.listing)
 

@@ -8,8 +8,8 @@ of one, and resuming from `last.ckpt` must continue the same run, not a similar 
 - `ExactResume` restores the global RNG states and the training loader's position on resume.
 - `RefuseNonFiniteCheckpoints` stops training rather than save NaN or inf weights.
 
-The resumable data order they rely on lives beside the data module, in `malaria.sampling`.
-Wiring: every run gets all four from `malaria.cli.Infrastructure`, so no recipe names them.
+The resumable data order they rely on lives beside the data module, in `malaria.data.sampling`.
+Wiring: every run gets all four from `malaria.run.cli.Infrastructure`, so no recipe names them.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from malaria.atomic import stage_file
+from malaria.common.atomic import stage_file
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -1,7 +1,7 @@
 """`MalariaCLI`: LightningCLI plus what every run gets, whatever its recipe.
 
-Entry points build their runs with it (`malaria.train`, `malaria.features`, `malaria.lr_find`,
-`malaria.bench`, `malaria.cv`). On top of LightningCLI it adds the run directory (`runs/<name>/`),
+Entry points build their runs with it (`malaria.commands.train`, `malaria.commands.features`, `malaria.commands.lr_find`,
+`malaria.commands.bench`, `malaria.commands.cv`). On top of LightningCLI it adds the run directory (`runs/<name>/`),
 the loggers, environment.json and summary.json, and the infrastructure (`Infrastructure`):
 atomic checkpoints, `best.ckpt` and `last.ckpt`, exact resume, the NaN guard, the learning-rate
 monitor and the run report. A recipe then holds only the experiment: model, data, schedule, and
@@ -30,15 +30,16 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.trainer import Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
-from malaria import errors, quiet, runs  # noqa: F401 (quiet: silences Lightning's noise on import)
-from malaria.checkpointing import AtomicCheckpointIO, ExactResume, LastCheckpoint, RefuseNonFiniteCheckpoints
-from malaria.datamodule import MalariaDataModule
-from malaria.flags import NonNegativeInt
-from malaria.inference import default_precision
-from malaria.models import default_image_size
-from malaria.module import MalariaClassifier
-from malaria.reporting import RunReport
-from malaria.tracking import MODES, WandbSaveConfig, finish_wandb, make_loggers
+from malaria.common import errors, quiet  # noqa: F401 (quiet: silences Lightning's noise on import)
+from malaria.run import run_dirs
+from malaria.run.checkpointing import AtomicCheckpointIO, ExactResume, LastCheckpoint, RefuseNonFiniteCheckpoints
+from malaria.data.datamodule import MalariaDataModule
+from malaria.common.flags import NonNegativeInt
+from malaria.prediction.predictor import default_precision
+from malaria.model.networks import default_image_size
+from malaria.model.classifier import MalariaClassifier
+from malaria.evaluation.run_report import RunReport
+from malaria.run.loggers import MODES, WandbSaveConfig, finish_wandb, make_loggers
 
 # DDP starts the other ranks by running the same command again; they read the run name here.
 RUN_ENV = "MALARIA_RUN"
@@ -56,7 +57,7 @@ class RecordEnvironment(L.Callback):
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        runs.write_json(self.run_dir / "environment.json", runs.environment())
+        run_dirs.write_json(self.run_dir / "environment.json", run_dirs.environment())
 
 
 @dataclass
@@ -127,7 +128,7 @@ class MalariaCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run", type=str | None, default=None,
                             help="Run name; runs/<run>/ holds everything (default: <recipe>-<time>).")
-        parser.add_argument("--runs_dir", type=str, default=str(runs.RUNS_DIR))
+        parser.add_argument("--runs_dir", type=str, default=str(run_dirs.RUNS_DIR))
         parser.add_argument("--wandb.mode", type=Literal[MODES], default="auto", help="auto: online with a key.")
         parser.add_argument("--wandb.project", type=str, default="malaria")
         parser.add_argument("--entry_point", type=str | None, default=None,
@@ -148,12 +149,12 @@ class MalariaCLI(LightningCLI):
             raise errors.ConfigError(f"--trainer.max_epochs {epochs}: a run trains at least one epoch.")
         if config.entry_point not in (None, self.ENTRY_POINT):
             recipe = ", ".join(str(c) for c in config.get("config") or []) or "This recipe"
-            raise errors.ConfigError(f"{recipe} runs under `python -m malaria.{config.entry_point}` "
-                                     f"(make {config.entry_point}), not malaria.{self.ENTRY_POINT}.")
+            raise errors.ConfigError(f"{recipe} runs under `python -m malaria.commands.{config.entry_point}` "
+                                     f"(make {config.entry_point}), not malaria.commands.{self.ENTRY_POINT}.")
         if not config.run:
             config_files = config.get("config") or []
             is_ddp_child = os.environ.get("LOCAL_RANK", "0") != "0" and RUN_ENV in os.environ
-            config.run = os.environ[RUN_ENV] if is_ddp_child else runs.new_run_name(
+            config.run = os.environ[RUN_ENV] if is_ddp_child else run_dirs.new_run_name(
                 str(config_files[0]) if config_files else None)
         os.environ[RUN_ENV] = config.run
         if config.data.image_size is None:  # the backbone's pretrained input size
@@ -202,7 +203,7 @@ class MalariaCLI(LightningCLI):
             "fit_seconds": round(time.time() - self.fit_started, 1),
         }
         if self.trainer.is_global_zero:
-            runs.write_json(self.run_dir / "summary.json", summary)
+            run_dirs.write_json(self.run_dir / "summary.json", summary)
             scored = "full fit, no holdout" if self.full_fit else f"best val/acc {summary['best_val_acc']}"
             print(f"Run {summary['run']}: {scored} -> {summary['best_checkpoint']}")
         finish_wandb(self.trainer.loggers)

@@ -10,8 +10,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from malaria import atomic
-from malaria.errors import MissingError
+from malaria.common import atomic
+from malaria.common.errors import MissingError
 
 RUNS_DIR = Path("runs")
 PACKAGES = ("torch", "torchvision", "lightning", "timm", "albumentations", "torchmetrics", "numpy", "wandb")

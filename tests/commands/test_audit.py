@@ -12,8 +12,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from malaria import audit, cv, errors
-from malaria.datamodule import MalariaDataModule
+from malaria.commands import audit
+from malaria.commands import cv
+from malaria.common import errors
+from malaria.data.datamodule import MalariaDataModule
 
 
 def oof_table(n: int, flipped: np.ndarray, seed: int = 0) -> pd.DataFrame:

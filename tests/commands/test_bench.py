@@ -7,8 +7,9 @@ import albumentations as A
 import pytest
 import torch
 
-from malaria import bench, errors
-from malaria.models import default_image_size
+from malaria.commands import bench
+from malaria.common import errors
+from malaria.model.networks import default_image_size
 
 TINY = ["--batches", "1", "--data_batches", "1", "--warmup", "1", "--data.image_size", "32", "--data.batch_size", "8",
         "--data.num_workers", "0", "--model.model_kwargs", '{"widths": [8, 16]}', "--model.tta", "false"]

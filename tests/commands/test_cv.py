@@ -4,7 +4,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from malaria import cv, splits
+from malaria.commands import cv
+from malaria.data import splits
 
 from conftest import TINY
 

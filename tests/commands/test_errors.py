@@ -10,12 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from commands import run_commands
+from runner import run_commands
 from conftest import write_competition
 
-from malaria import errors, train as train_cli
+from malaria.common import errors
+from malaria.commands import train as train_cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -29,7 +30,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def train(data_dir: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return run("malaria.train", "fit", "--config", str(REPO / "configs/default.yaml"),
+    return run("malaria.commands.train", "fit", "--config", str(REPO / "configs/default.yaml"),
                "--data.data_dir", str(data_dir), "--data.image_size", "16", "--data.num_workers", "0",
                "--trainer.max_epochs", "1", cwd=cwd)
 
@@ -70,7 +71,7 @@ def test_predicting_on_a_partial_competition_names_what_is_wrong(tmp_path: Path,
     (disagreeing / "sample_submission.csv").write_text("img_name,label\nnot-in-the-zip.png,0\n")
     folders = {"no_test_zip": no_test_zip, "disagreeing": disagreeing}
     before = {name: snapshot(folder) for name, folder in folders.items()}
-    results = run_commands([("malaria.predict", ["--run", str(tiny_run), "--data.data_dir", str(folder),
+    results = run_commands([("malaria.commands.predict", ["--run", str(tiny_run), "--data.data_dir", str(folder),
                                                  "--out", str(tmp_path / f"{name}.csv")], tmp_path)
                             for name, folder in folders.items()], tmp_path / "logs")
     assert_one_paragraph(results[0], str(no_test_zip / "test_data.zip"), "not found")
@@ -80,7 +81,7 @@ def test_predicting_on_a_partial_competition_names_what_is_wrong(tmp_path: Path,
 
 
 def test_predicting_from_a_missing_run_says_so(tmp_path: Path) -> None:
-    assert_one_paragraph(run("malaria.predict", "--run", "runs/nothing", cwd=tmp_path), "runs/nothing")
+    assert_one_paragraph(run("malaria.commands.predict", "--run", "runs/nothing", cwd=tmp_path), "runs/nothing")
 
 
 def test_unexpected_errors_keep_their_traceback() -> None:

@@ -12,12 +12,12 @@ import timm
 import torch
 from torchmetrics.classification import BinaryAccuracy
 
-from malaria import features
-from malaria.datamodule import MalariaDataModule
-from malaria.features import FeatureHead
-from malaria.inference import predict_checkpoints
-from malaria.metrics import score
-from malaria.module import MalariaClassifier
+from malaria.commands import features
+from malaria.data.datamodule import MalariaDataModule
+from malaria.commands.features import FeatureHead
+from malaria.prediction.predictor import predict_checkpoints
+from malaria.model.metrics import score
+from malaria.model.classifier import MalariaClassifier
 
 MODEL = "test_resnet"  # timm's tiny ResNet: resnet18's structure at 0.5M parameters
 

@@ -2,7 +2,7 @@
 paragraph naming the flag and its value, a non-zero exit status, no traceback and no run folder.
 
 Each row runs through `make`: `make -n` expands the verb's recipe and its variables, and the command
-it prints runs as a child process of the shared runner (tests/commands.py), in an empty folder."""
+it prints runs as a child process of the shared runner (tests/runner.py), in an empty folder."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from commands import REPO, Result, run_commands
+from runner import REPO, Result, run_commands
 
 CONFIG = str(REPO / "configs" / "default.yaml")
 FEATURES = str(REPO / "configs" / "resnet18_features.yaml")

@@ -7,9 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from malaria import holdout, runs, train
-from malaria.inference import load, predict_subset, slide_prior
-from malaria.metrics import score
+from malaria.commands import holdout
+from malaria.run import run_dirs
+from malaria.commands import train
+from malaria.prediction.predictor import load, predict_subset, slide_prior
+from malaria.model.metrics import score
 
 from conftest import TINY
 
@@ -66,7 +68,7 @@ def test_slide_prior_0_scores_without_the_prior(runs_dir: Path) -> None:
 
 
 def test_the_holdouts_slide_prior_never_sees_the_holdouts_labels(runs_dir: Path) -> None:
-    model, datamodule = load(runs.checkpoint(runs_dir / "a"))
+    model, datamodule = load(run_dirs.checkpoint(runs_dir / "a"))
     predict_subset(model, datamodule, subset="val")
     table = datamodule.train_table
     before = slide_prior(datamodule, "val", 1.0).shifts

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from malaria import errors, leaderboard
-from malaria.leaderboard import KaggleError, connect, default_competition, download, main, submit
-from malaria.submit import SubmissionError, write_submission
+from malaria.common import errors
+from malaria.commands import leaderboard
+from malaria.commands.leaderboard import KaggleError, connect, default_competition, download, main, submit
+from malaria.prediction.submission import SubmissionError, write_submission
 
 IDS = ["t1.png", "t2.png", "t3.png"]
 COMPETITION = "fake-malaria"

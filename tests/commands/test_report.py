@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from malaria import report, train
+from malaria.commands import report
+from malaria.commands import train
 
 from conftest import TINY
 

@@ -14,9 +14,13 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import RichProgressBar
 
-from malaria import archive, errors, features, predict, train
-from malaria.checkpointing import AtomicCheckpointIO
-from malaria.submit import validate_submission
+from malaria.data import archive
+from malaria.common import errors
+from malaria.commands import features
+from malaria.commands import predict
+from malaria.commands import train
+from malaria.run.checkpointing import AtomicCheckpointIO
+from malaria.prediction.submission import validate_submission
 
 from conftest import TINY
 
@@ -118,7 +122,7 @@ def test_full_fit_trains_on_every_image_and_keeps_the_final_weights(demo_dir: Pa
 
 
 def test_missing_data_without_demo_is_a_clear_error(tmp_path: Path) -> None:
-    from malaria.archive import DataError
+    from malaria.data.archive import DataError
 
     with pytest.raises(DataError, match="no train_data.zip"):
         fit(tmp_path / "empty", tmp_path / "runs", "--data.demo", "false")
@@ -147,7 +151,7 @@ def test_one_augment_config_splits_between_workers_and_device(on_device: str, de
     assert (worker_transform is None) == (on_device == "true")
 
 
-RECIPES = sorted(p for p in (Path(__file__).parents[1] / "configs").glob("*.yaml") if p.name != "kaggle.yaml")
+RECIPES = sorted(p for p in (Path(__file__).parents[2] / "configs").glob("*.yaml") if p.name != "kaggle.yaml")
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
@@ -174,7 +178,7 @@ def test_runs_print_no_cloud_logger_tip_nor_a_sample_submission_warning(demo_dir
 
 def test_predicting_verbs_are_quiet_without_the_cli() -> None:
     """`make predict`, holdout, cv never import the CLI: the prediction core silences Lightning too."""
-    script = ("import lightning as L, malaria.inference\n"
+    script = ("import lightning as L, malaria.prediction.predictor\n"
               "L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert "GPU available" in done.stderr + done.stdout  # Lightning did speak, and only its noise went

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 from conftest import write_competition
 
-from malaria import archive
+from malaria.data import archive
 
 
 def test_load_train_matches_ids_at_any_depth(tmp_path: Path) -> None:

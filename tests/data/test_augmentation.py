@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.stats import chi2_contingency, chisquare, ks_2samp
 
-from malaria.transforms import (
+from malaria.data.augmentation import (
     Augment,
     BatchAugment,
     adjust_colour,

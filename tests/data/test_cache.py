@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from conftest import png_bytes, write_competition
 
-from malaria import archive, cache
+from malaria.data import archive
+from malaria.data import cache
 
 
 def test_decode_pads_to_square_on_black() -> None:

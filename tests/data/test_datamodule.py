@@ -12,9 +12,9 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
-from malaria.sampling import ResumableLoader, ResumableSampler
-from malaria.datamodule import CellDataset, MalariaDataModule, whole_batch
-from malaria.transforms import Augment, train_transform
+from malaria.data.sampling import ResumableLoader, ResumableSampler
+from malaria.data.datamodule import CellDataset, MalariaDataModule, whole_batch
+from malaria.data.augmentation import Augment, train_transform
 
 BATCH = 8
 

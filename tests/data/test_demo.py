@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from malaria import archive
-from malaria.demo import DEMO_FILES, MARKER, MARKER_HEADING, main, make_demo_competition
+from malaria.data import archive
+from malaria.data.demo import DEMO_FILES, MARKER, MARKER_HEADING, main, make_demo_competition
 
 N_TRAIN, N_TEST = 60, 20
 # The slide (patient) of an NIH file name, as the real data's README defines it.
@@ -52,7 +52,7 @@ def train_images(demo: Path) -> dict[str, np.ndarray]:
 def test_writes_the_competition_files_and_marker(demo: Path) -> None:
     assert sorted(p.name for p in demo.iterdir()) == sorted([*DEMO_FILES, MARKER])
     marker = (demo / MARKER).read_text(encoding="utf-8")
-    assert "SYNTHETIC DEMO DATA" in marker and "malaria.demo" in marker
+    assert "SYNTHETIC DEMO DATA" in marker and "malaria.data.demo" in marker
     assert f"n_train={N_TRAIN}" in marker.splitlines()
     for name in DEMO_FILES:
         if name.endswith(".csv"):
@@ -180,10 +180,10 @@ def test_refuses_a_folder_with_user_files(tmp_path: Path) -> None:
     out = tmp_path / "data"
     out.mkdir()
     (out / "train_labels.csv").write_text("mine\n")
-    with pytest.raises(FileExistsError, match="no malaria.demo DEMO.txt"):
+    with pytest.raises(FileExistsError, match="no malaria.data.demo DEMO.txt"):
         make_demo_competition(out, 8, 4)
     (out / MARKER).write_text("not ours\n")
-    with pytest.raises(FileExistsError, match="no malaria.demo DEMO.txt"):
+    with pytest.raises(FileExistsError, match="no malaria.data.demo DEMO.txt"):
         make_demo_competition(out, 8, 4)
     assert (out / "train_labels.csv").read_text() == "mine\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]

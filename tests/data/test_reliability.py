@@ -25,14 +25,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from commands import REPO, Result, run_commands
+from runner import REPO, Result, run_commands
 from conftest import cell, png_bytes, write_competition, write_zip
 from PIL import Image
 
-from malaria import cache, train
-from malaria.archive import DataError
-from malaria.datamodule import MalariaDataModule
-from malaria.submit import SubmissionError, validate_submission, write_submission
+from malaria.data import cache
+from malaria.commands import train
+from malaria.data.archive import DataError
+from malaria.data.datamodule import MalariaDataModule
+from malaria.prediction.submission import SubmissionError, validate_submission, write_submission
 
 SIZE = 16  # cache image size
 N = 8  # training images per generated competition
@@ -440,7 +441,7 @@ def train_commands(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Comman
         folder = write_competition(root / f"case{len(cases)}" / "data", n=N)
         culprit = make_bad(folder)
         cases[param.id] = (folder, culprit, snapshot(folder))
-        commands.append(("malaria.train", [
+        commands.append(("malaria.commands.train", [
             "fit", "--config", str(REPO / "configs/default.yaml"), "--data.data_dir", str(folder),
             "--data.cache_dir", str(folder.parent / "cache"), "--data.image_size", str(SIZE),
             "--data.num_workers", "0", "--trainer.max_epochs", "1", "--wandb.mode", "disabled",
@@ -562,7 +563,7 @@ def test_recoverable_input_is_recovered_as_documented(
         datamodule = load(folder, workspace.cache_dir)
     assert len(datamodule.train_table) == expected.images
     assert set(datamodule.train_table.labels.tolist()) == {0, 1}
-    warnings = [r.getMessage() for r in caplog.records if r.name.startswith("malaria.archive")]
+    warnings = [r.getMessage() for r in caplog.records if r.name.startswith("malaria.data.archive")]
     if expected.warning is None:
         assert warnings == []
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch.utils.data import Dataset
 
-from malaria.sampling import ResumableLoader, ResumableSampler
+from malaria.data.sampling import ResumableLoader, ResumableSampler
 
 
 class Items(Dataset):

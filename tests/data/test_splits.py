@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from malaria import splits
-from malaria.errors import ConfigError
+from malaria.data import splits
+from malaria.common.errors import ConfigError
 
 
 @pytest.mark.parametrize(

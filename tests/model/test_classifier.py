@@ -1,8 +1,8 @@
 import numpy as np
 import torch
 
-from malaria.module import MalariaClassifier, warmup_cosine
-from malaria.transforms import dihedral_views, random_dihedral
+from malaria.model.classifier import MalariaClassifier, warmup_cosine
+from malaria.data.augmentation import dihedral_views, random_dihedral
 
 
 def _batch(n: int = 4, size: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -13,11 +13,11 @@ from lightning.pytorch.callbacks import Callback
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 
-from malaria import train
-from malaria.datamodule import CellDataset, MalariaDataModule, whole_batch
-from malaria.finetune import FeatureExtraction, FineTune, layer_groups
-from malaria.models import create_model
-from malaria.module import MalariaClassifier
+from malaria.commands import train
+from malaria.data.datamodule import CellDataset, MalariaDataModule, whole_batch
+from malaria.model.finetune import FeatureExtraction, FineTune, layer_groups
+from malaria.model.networks import create_model
+from malaria.model.classifier import MalariaClassifier
 
 MODEL = "test_resnet"  # timm's tiny ResNet: the same class and layer groups as resnet18, 0.5M parameters
 RECIPES = ["resnet18_features", "resnet18_features_aug", "resnet18_finetune", "vgg16_finetune",
@@ -236,7 +236,7 @@ def test_recipes_are_valid_configs(recipe: str, capsys: pytest.CaptureFixture) -
     with pytest.raises(SystemExit) as exit_:
         train.main(["fit", "--config", f"configs/{recipe}.yaml", "--print_config"])
     assert exit_.value.code in (0, None)
-    assert "malaria.finetune." in capsys.readouterr().out
+    assert "malaria.model.finetune." in capsys.readouterr().out
 
 
 def fine_tune_callback(cli: train.MalariaCLI) -> FineTune:

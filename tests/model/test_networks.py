@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 
-from malaria.models import MalariaCNN, create_model
+from malaria.model.networks import MalariaCNN, create_model
 
 
 def test_scratch_cnn_is_in_timms_registry() -> None:

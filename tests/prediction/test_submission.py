@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from malaria import submit
-from malaria.submit import (
+from malaria.prediction import submission
+from malaria.prediction.submission import (
     SubmissionError,
     default_submission_path,
     read_sample_submission,
@@ -69,14 +69,14 @@ def test_write_refuses_to_overwrite(tmp_path: Path, existing: str) -> None:
 
 
 def test_failed_publish_leaves_neither_file_nor_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_link = submit.os.link
+    real_link = submission.os.link
 
     def link_fails_for_csv(src: str, dst: Path) -> None:
         if Path(dst).suffix == ".csv":
             raise OSError("disk full")
         real_link(src, dst)
 
-    monkeypatch.setattr(submit.os, "link", link_fails_for_csv)
+    monkeypatch.setattr(submission.os, "link", link_fails_for_csv)
     with pytest.raises(OSError, match="disk full"):
         write_submission(IDS, [0, 1, 0], tmp_path / "run.csv", metadata={"runs": ["r"]})
     assert list(tmp_path.iterdir()) == []

@@ -10,18 +10,19 @@ import pytest
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from malaria import errors, train
-from malaria.checkpointing import AtomicCheckpointIO, LastCheckpoint
-from malaria.reporting import RunReport
+from malaria.common import errors
+from malaria.commands import train
+from malaria.run.checkpointing import AtomicCheckpointIO, LastCheckpoint
+from malaria.evaluation.run_report import RunReport
 
 
 def test_a_run_config_saved_before_the_defaults_resumes_without_doubled_callbacks(tmp_path: Path) -> None:
     old = yaml.safe_load(Path("configs/default.yaml").read_text())
-    old["trainer"]["plugins"] = [{"class_path": "malaria.checkpointing.AtomicCheckpointIO"}]
+    old["trainer"]["plugins"] = [{"class_path": "malaria.run.checkpointing.AtomicCheckpointIO"}]
     old["trainer"]["callbacks"] = [
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"monitor": "val/acc", "mode": "max"}},
-        {"class_path": "malaria.checkpointing.LastCheckpoint", "init_args": {"every_n_train_steps": 7}},
-        {"class_path": "malaria.report.RunReport"},
+        {"class_path": "malaria.run.checkpointing.LastCheckpoint", "init_args": {"every_n_train_steps": 7}},
+        {"class_path": "malaria.commands.report.RunReport"},
     ]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
     cli = train.main(["--config", str(tmp_path / "config.yaml"), "--runs_dir", str(tmp_path), "--wandb.mode",

@@ -1,7 +1,7 @@
 """Lightning's own DDP, 2 CPU processes, through the real CLI on demo data.
 
 `strategy=ddp` starts the other rank by running the same command line again, so each run here is a
-`python -m malaria.train` subprocess (inside pytest the command line would be pytest's). The
+`python -m malaria.commands.train` subprocess (inside pytest the command line would be pytest's). The
 `Recorder` callback below, loaded by its class path, writes what each rank saw to a JSON file.
 """
 
@@ -20,14 +20,14 @@ import pytest
 import yaml
 import torch
 
-from malaria.datamodule import MalariaDataModule
-from malaria.module import MalariaClassifier
-from malaria.submit import validate_submission
-from malaria.writer import PredictionWriter
+from malaria.data.datamodule import MalariaDataModule
+from malaria.model.classifier import MalariaClassifier
+from malaria.prediction.submission import validate_submission
+from malaria.prediction.ddp_writer import PredictionWriter
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 IMAGE_SIZE = 32
 TINY = [
     "--config", "configs/default.yaml",
@@ -81,9 +81,9 @@ class Recorder(L.Callback):
 
 
 def cli(*args: str) -> None:
-    """`python -m malaria.train ARGS` from the repository root, with this folder importable."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-m", "malaria.train", *args], cwd=ROOT, env=env, capture_output=True,
+    """`python -m malaria.commands.train ARGS` from the repository root, with this folder importable."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests" / "run"), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "malaria.commands.train", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, f"{args}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
 
@@ -170,7 +170,7 @@ def test_ddp_prediction_writes_one_complete_ordered_submission(ddp_run: tuple[Pa
 
     out = tmp_path / "ddp.csv"
     cli("predict", "--config", str(run_dir / "config.yaml"), "--ckpt_path", str(checkpoint),
-        "--runs_dir", str(tmp_path / "runs"), "--run", "predict", "--trainer.callbacks+=malaria.writer.PredictionWriter",
+        "--runs_dir", str(tmp_path / "runs"), "--run", "predict", "--trainer.callbacks+=malaria.prediction.ddp_writer.PredictionWriter",
         "--trainer.callbacks.out", str(out), "--trainer.callbacks.threshold", str(threshold))
     submission = validate_submission(out, sample)
     assert submission["img_name"].tolist() == sample
@@ -182,7 +182,7 @@ def test_fine_tuning_keeps_the_replicas_identical_after_unfreezing(demo_dir: Pat
     """Lightning issue 20340: parameters frozen when DDP wraps the model are left out of its
     gradient all-reduce, so once a fine-tuning callback unfreezes them each rank trains its own copy."""
     _, records = fit_ddp(demo_dir, tmp_path, "finetune",
-                         "--trainer.callbacks+=malaria.finetune.FineTune", "--trainer.callbacks.unfreeze", "{1: all}")
+                         "--trainer.callbacks+=malaria.model.finetune.FineTune", "--trainer.callbacks.unfreeze", "{1: all}")
     assert records[0]["trained"] > records[0]["classifier"]  # the backbone was unfrozen and trained
     before = np.array(records[0]["weights"])
     assert records[0]["weights"] == records[1]["weights"], (

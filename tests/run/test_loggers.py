@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from malaria import runs, tracking, train
-from malaria.datamodule import MalariaDataModule
-from malaria.module import MalariaClassifier
-from malaria.reporting import RunReport
+from malaria.run import run_dirs
+from malaria.run import loggers
+from malaria.commands import train
+from malaria.data.datamodule import MalariaDataModule
+from malaria.model.classifier import MalariaClassifier
+from malaria.evaluation.run_report import RunReport
 
 TINY = [
     "--config", "configs/default.yaml",
@@ -43,14 +45,14 @@ def no_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def test_auto_is_offline_without_a_key_and_says_so(no_key: None, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="malaria.tracking"):
-        assert tracking.resolve_mode("auto") == "offline"
+    with caplog.at_level(logging.WARNING, logger="malaria.run.loggers"):
+        assert loggers.resolve_mode("auto") == "offline"
     assert "wandb sync" in caplog.text
 
 
 def test_auto_is_online_with_a_key(no_key: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    assert tracking.resolve_mode("auto") == "online"
+    assert loggers.resolve_mode("auto") == "online"
 
 
 @pytest.mark.parametrize(("env", "expected"),
@@ -58,23 +60,23 @@ def test_auto_is_online_with_a_key(no_key: None, monkeypatch: pytest.MonkeyPatch
 def test_wandb_mode_environment_overrides_the_config(no_key: None, monkeypatch: pytest.MonkeyPatch, env: str,
                                                      expected: str) -> None:
     monkeypatch.setenv("WANDB_MODE", env)
-    assert tracking.resolve_mode("online") == expected
+    assert loggers.resolve_mode("online") == expected
 
 
 def test_unknown_mode_is_a_clear_error(no_key: None) -> None:
     with pytest.raises(ValueError, match="wandb mode must be one of"):
-        tracking.resolve_mode("sometimes")
+        loggers.resolve_mode("sometimes")
 
 
 def test_loggers_csv_always_wandb_named_like_the_run(no_key: None, tmp_path: Path) -> None:
-    (only,) = tracking.make_loggers(tmp_path, "r1", "disabled", "p")
+    (only,) = loggers.make_loggers(tmp_path, "r1", "disabled", "p")
     assert isinstance(only, CSVLogger)
-    csv, wandb_logger = tracking.make_loggers(tmp_path, "r1", "offline", "p")
+    csv, wandb_logger = loggers.make_loggers(tmp_path, "r1", "offline", "p")
     assert isinstance(csv, CSVLogger) and Path(csv.log_dir) == tmp_path
     assert isinstance(wandb_logger, WandbLogger)
     # Lightning's `name` is the project; the run's display name is checked in the offline run below.
     assert (wandb_logger.name, wandb_logger.version, wandb_logger.save_dir) == ("p", "r1", str(tmp_path))
-    online = tracking.make_wandb_logger(tmp_path, "r1", "online", "p")
+    online = loggers.make_wandb_logger(tmp_path, "r1", "online", "p")
     # Checkpoints are uploaded as artifacts online only (Lightning refuses log_model offline).
     assert online._log_model is True and wandb_logger._log_model is False
 
@@ -90,7 +92,7 @@ def test_wandb_starts_quietly_before_the_run_directory_exists(no_key: None, tmp_
     subprocess.run(["git", "init", "-q"], check=True)  # a clone of the project
     run_dir = Path("runs") / "quiet"  # as at the start of a run: relative, and not created yet
     try:
-        tracking.make_wandb_logger(run_dir, "quiet", "offline", "p").experiment
+        loggers.make_wandb_logger(run_dir, "quiet", "offline", "p").experiment
     finally:
         wandb.finish()
         wandb.teardown()
@@ -138,9 +140,9 @@ def summarise(records: list) -> dict:
 
 
 def fit_offline(*args: str) -> None:
-    """`malaria.train` with the W&B config callback (the wiring train.main is to get)."""
+    """`malaria.commands.train` with the W&B config callback (the wiring train.main is to get)."""
     try:
-        train.MalariaCLI(MalariaClassifier, MalariaDataModule, save_config_callback=tracking.WandbSaveConfig,
+        train.MalariaCLI(MalariaClassifier, MalariaDataModule, save_config_callback=loggers.WandbSaveConfig,
                          save_config_kwargs={"overwrite": True}, args=["fit", *args])
     finally:
         import wandb
@@ -159,7 +161,7 @@ def test_offline_run_holds_config_metrics_report_and_resumes_the_same_run(
     (first,) = run.glob("wandb/offline-run-*-wb")
     logged = summarise(read_wandb_log(first / "run-wb.wandb"))
     assert logged["run"] == ("wb", "wb")
-    assert logged["commit"] == runs.git_commit()
+    assert logged["commit"] == run_dirs.git_commit()
     assert logged["config"]["cli"]["trainer"]["max_epochs"] == 1  # the full resolved CLI config
     assert logged["config"]["cli"]["model"]["model"] == "malaria_cnn"
     assert logged["config"]["lr"] == pytest.approx(0.003)  # Lightning's own hyperparameter logging

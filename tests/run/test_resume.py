@@ -24,12 +24,13 @@ import pytest
 import torch
 import yaml
 
-from malaria import runs, train
-from malaria.checkpointing import AtomicCheckpointIO, RefuseNonFiniteCheckpoints
-from malaria.inference import predict_checkpoints
-from malaria.module import MalariaClassifier
+from malaria.run import run_dirs
+from malaria.commands import train
+from malaria.run.checkpointing import AtomicCheckpointIO, RefuseNonFiniteCheckpoints
+from malaria.prediction.predictor import predict_checkpoints
+from malaria.model.classifier import MalariaClassifier
 
-REPO = Path(__file__).absolute().parents[1]
+REPO = Path(__file__).absolute().parents[2]
 EPOCHS = 3
 EVERY_N_STEPS = 4
 
@@ -41,7 +42,7 @@ def tiny_recipe(folder: Path) -> Path:
     and unfrozen at epoch 1, the epoch that gets interrupted."""
     config = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
     config["infrastructure"] = {"report": False, "last_checkpoint_every_n_train_steps": EVERY_N_STEPS}
-    finetune = {"class_path": "malaria.finetune.FineTune", "init_args": {"unfreeze": {1: "all"}}}
+    finetune = {"class_path": "malaria.model.finetune.FineTune", "init_args": {"unfreeze": {1: "all"}}}
     config["trainer"].update(
         callbacks=[finetune],
         max_epochs=EPOCHS,
@@ -129,7 +130,7 @@ def test_training_killed_mid_epoch_resumes_to_identical_weights_and_metrics(
     run = tmp_path / "killed"
     last = run / "checkpoints" / "last.ckpt"
     kill_when(
-        [sys.executable, "-m", "malaria.train", *fit_args(recipe, demo_dir, tmp_path, "killed")],
+        [sys.executable, "-m", "malaria.commands.train", *fit_args(recipe, demo_dir, tmp_path, "killed")],
         last,
         lambda step: per_epoch < step < 2 * per_epoch,
         tmp_path / "killed.log",
@@ -166,7 +167,7 @@ def test_same_seed_and_config_give_identical_predictions(
                      for run in (straight, again))
     assert first.ids == second.ids and np.array_equal(first.probs, second.probs) and first.probs.std() > 0
     environment = json.loads((again / "environment.json").read_text())
-    assert environment["git_commit"] == runs.git_commit() and environment["packages"]["torch"]
+    assert environment["git_commit"] == run_dirs.git_commit() and environment["packages"]["torch"]
     assert yaml.safe_load((again / "config.yaml").read_text())["seed_everything"] == 42
 
 
