@@ -1,7 +1,10 @@
-"""Run many entry points as `make` runs them, each in its own process, without paying each one's
-start-up: one Python process imports the heavy libraries once, then forks a child per command that
-runs `python -m <module> <args>` as `__main__`, with its own working directory, stdout, stderr and
-exit status. A child that raises prints the traceback Python would, and exits with 1."""
+"""Run entry points as `make` runs them, each in its own process.
+
+`run_commands` runs many without paying each one's start-up: one Python process imports the heavy
+libraries once, then forks a child per command that runs `python -m <module> <args>` as
+`__main__`, with its own working directory, stdout, stderr and exit status. A child that raises
+prints the traceback Python would, and exits with 1. `run_module` runs one in a fresh interpreter,
+for what a fork cannot do (DDP starts its other ranks by running the same command line again)."""
 
 from __future__ import annotations
 
@@ -60,6 +63,15 @@ while queue or running:
     codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
 json.dump([codes[i] for i in range(len(jobs))], sys.stdout)
 """
+
+
+def run_module(module: str, *args: str, cwd: Path, pythonpath: Path = REPO,
+               timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """`python -m module *args` in a fresh interpreter, in cwd, with W&B off."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, dict.fromkeys([pythonpath, REPO]))),
+           "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,10 @@ uninterrupted one would have.
 `ResumableSampler` draws each epoch's permutation and each image's augmentation seed from the seed
 and the epoch; `ResumableLoader` lets Lightning checkpoint how many batches of the epoch were
 trained on, and restart after them. `MalariaDataModule` builds its training loader from both.
+
+Kept rather than torchdata's `StatefulDataLoader` (not measured): that loader restores a position
+but not augmentations independent of the worker count, which is the sampler's job here anyway,
+and what is left for the loader is counting batches, ten lines.
 """
 
 from __future__ import annotations

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -40,7 +39,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Remote paths (s3://, gs://) keep Lightning's transactional upload.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH,
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path,
                         storage_options: Any | None = None) -> None:
         if storage_options is not None or not _is_local(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
@@ -51,7 +50,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(stage_file(path, lambda f: torch.save(checkpoint, f), binary=True), path)
 
 
-def _is_local(path: _PATH) -> bool:
+def _is_local(path: str | Path) -> bool:
     return isinstance(get_filesystem(path), LocalFileSystem)
 
 
@@ -64,7 +63,7 @@ class LastCheckpoint(ModelCheckpoint):
     ModelCheckpoint's job; list this one after it, so `last.ckpt` holds its updated state. There is
     one `last.ckpt` per run, overwritten in place (no `last-v1`)."""
 
-    def __init__(self, every_n_train_steps: int = 100, dirpath: _PATH | None = None) -> None:
+    def __init__(self, every_n_train_steps: int = 100, dirpath: str | Path | None = None) -> None:
         super().__init__(dirpath=dirpath, every_n_train_steps=every_n_train_steps, save_top_k=0,
                          save_last=True, enable_version_counter=False)
 
@@ -90,13 +89,16 @@ class ExactResume(L.Callback):
     - The global RNG states (torch, CUDA, numpy, random) that dropout and batch augmentation draw
       from: saved in every checkpoint, restored at `on_train_start`, after the sanity check and the
       data loaders have drawn their own numbers, i.e. where the stream was when it was saved.
-    - The training loader's position: Lightning skips restoring it when the loader was built
-      before the checkpoint was loaded, as `estimated_stepping_batches` in `configure_optimizers`
-      does (Lightning issue #20550), so it is applied here, before the first batch is drawn.
+    - The training loader's position: Lightning saves it with its loops, but restores it only into
+      a loader built after the checkpoint was loaded, and `estimated_stepping_batches` in
+      `configure_optimizers` builds it before (Lightning issue #20550). It is read from the
+      checkpoint here (`on_load_checkpoint`) and applied to `trainer.train_dataloader` before the
+      first batch is drawn; where Lightning did restore it, this sets the same position again.
     """
 
     def __init__(self) -> None:
         self._loaded: dict[str, Any] | None = None
+        self._loader_states: list[dict[str, Any]] = []
 
     def state_dict(self) -> dict[str, Any]:
         # Tensors and plain tuples only: Lightning resumes with torch.load(weights_only=True).
@@ -111,8 +113,18 @@ class ExactResume(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = state_dict
 
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+        self._loader_states = fit_loop.get("combined_loader") or []
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        trainer.fit_loop._load_combined_loader_states()  # a no-op when Lightning already did it
+        loaders = trainer.train_dataloader
+        stateful = [dl for dl in (loaders if isinstance(loaders, (list, tuple)) else [loaders])
+                    if hasattr(dl, "load_state_dict")]
+        for loader, state in zip(stateful, self._loader_states):
+            loader.load_state_dict(state)
+        self._loader_states = []
         if self._loaded is None:
             return
         state, self._loaded = self._loaded, None

@@ -174,8 +174,9 @@ class MalariaCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> Trainer:
         config = self.run_config
         loggers = make_loggers(self.run_dir, config.run, config.wandb.mode, config.wandb.project)
-        trainer = self._get(self.config_init, "trainer", default={})
-        infrastructure: Infrastructure = self._get(self.config_init, "infrastructure")
+        init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer = init.get("trainer") or {}
+        infrastructure: Infrastructure = init["infrastructure"]
         recipe_callbacks = _as_list(trainer.get("callbacks"))
         callbacks = [*recipe_callbacks, *infrastructure.callbacks(recipe_callbacks), RecordEnvironment(self.run_dir)]
         plugins = _as_list(trainer.get("plugins"))

@@ -12,6 +12,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from conftest import TINY
+
 from malaria.commands import audit
 from malaria.commands import cv
 from malaria.common import errors
@@ -48,10 +50,8 @@ def test_clean_labels_raise_few_suspects() -> None:
 @pytest.fixture(scope="module")
 def cv_run(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     runs_dir = tmp_path_factory.mktemp("runs")
-    cv.main(["--k", "2", "--name", "a", "--runs_dir", str(runs_dir), "--data.data_dir", str(demo_dir),
-             "--trainer.max_epochs", "1", "--data.image_size", "32", "--data.batch_size", "32",
-             "--data.num_workers", "0", "--model.model_kwargs", '{"widths": [8, 16]}',
-             "--trainer.enable_model_summary", "false", "--wandb.mode", "disabled"])
+    cv.main(["--k", "2", "--name", "a", "--runs_dir", str(runs_dir), "--data.data_dir", str(demo_dir), *TINY,
+             "--data.batch_size", "32", "--model.model_kwargs", '{"widths": [8, 16]}'])
     return runs_dir / "a"
 
 

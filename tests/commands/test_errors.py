@@ -4,35 +4,22 @@ whole bad-input table through `make train`: tests/test_reliability.py)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from runner import run_commands
-from conftest import write_competition
+from conftest import TINY, write_competition
+from runner import run_commands, run_module
 
 from malaria.common import errors
 from malaria.commands import train as train_cli
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
-
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def train(data_dir: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return run("malaria.commands.train", "fit", "--config", str(REPO / "configs/default.yaml"),
-               "--data.data_dir", str(data_dir), "--data.image_size", "16", "--data.num_workers", "0",
-               "--trainer.max_epochs", "1", cwd=cwd)
+    return run_module("malaria.commands.train", "fit", *TINY, "--data.data_dir", str(data_dir), cwd=cwd)
 
 
 def assert_one_paragraph(result: subprocess.CompletedProcess[str], *named: str) -> str:
@@ -57,9 +44,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished run, trained in-process on a tiny competition."""
     data = write_competition(tmp_path_factory.mktemp("good") / "data")
     runs_dir = tmp_path_factory.mktemp("runs")
-    train_cli.main(["fit", "--config", str(REPO / "configs/default.yaml"), "--data.data_dir", str(data),
-                    "--data.image_size", "16", "--data.num_workers", "0", "--trainer.max_epochs", "1",
-                    "--trainer.enable_progress_bar", "false", "--wandb.mode", "disabled",
+    train_cli.main(["fit", *TINY, "--data.data_dir", str(data), "--trainer.enable_progress_bar", "false",
                     "--runs_dir", str(runs_dir), "--run", "tiny"])
     return runs_dir / "tiny"
 
@@ -81,7 +66,7 @@ def test_predicting_on_a_partial_competition_names_what_is_wrong(tmp_path: Path,
 
 
 def test_predicting_from_a_missing_run_says_so(tmp_path: Path) -> None:
-    assert_one_paragraph(run("malaria.commands.predict", "--run", "runs/nothing", cwd=tmp_path), "runs/nothing")
+    assert_one_paragraph(run_module("malaria.commands.predict", "--run", "runs/nothing", cwd=tmp_path), "runs/nothing")
 
 
 def test_unexpected_errors_keep_their_traceback() -> None:

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 from runner import REPO, Result, run_commands
-from conftest import cell, png_bytes, write_competition, write_zip
+from conftest import TINY, cell, png_bytes, write_competition, write_zip
 from PIL import Image
 
 from malaria.data import cache
@@ -442,9 +442,8 @@ def train_commands(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Comman
         culprit = make_bad(folder)
         cases[param.id] = (folder, culprit, snapshot(folder))
         commands.append(("malaria.commands.train", [
-            "fit", "--config", str(REPO / "configs/default.yaml"), "--data.data_dir", str(folder),
-            "--data.cache_dir", str(folder.parent / "cache"), "--data.image_size", str(SIZE),
-            "--data.num_workers", "0", "--trainer.max_epochs", "1", "--wandb.mode", "disabled",
+            "fit", *TINY, "--data.data_dir", str(folder), "--data.cache_dir", str(folder.parent / "cache"),
+            "--data.image_size", str(SIZE),
         ], folder.parent))
     results = run_commands(commands, root / "logs")
     return {case: CommandRun(*cases[case], result) for case, result in zip(cases, results)}

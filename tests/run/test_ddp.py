@@ -8,9 +8,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -19,6 +16,8 @@ import pandas as pd
 import pytest
 import yaml
 import torch
+from conftest import TINY
+from runner import run_module
 
 from malaria.data.datamodule import MalariaDataModule
 from malaria.model.classifier import MalariaClassifier
@@ -29,16 +28,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE_SIZE = 32
-TINY = [
-    "--config", "configs/default.yaml",
-    "--trainer.max_epochs", "2",
-    "--trainer.enable_model_summary", "false",
-    "--data.image_size", str(IMAGE_SIZE),
-    "--data.batch_size", "16",
-    "--data.num_workers", "0",
-    "--model.model_kwargs", '{"widths": [8, 16, 32]}',
-    "--wandb.mode", "disabled",
-]
+TWO_EPOCHS = [*TINY, "--trainer.max_epochs", "2", "--data.image_size", str(IMAGE_SIZE)]
 DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
 
 
@@ -82,16 +72,14 @@ class Recorder(L.Callback):
 
 def cli(*args: str) -> None:
     """`python -m malaria.commands.train ARGS` from the repository root, with this folder importable."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests" / "run"), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-m", "malaria.commands.train", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = run_module("malaria.commands.train", *args, cwd=ROOT, pythonpath=Path(__file__).parent)
     assert done.returncode == 0, f"{args}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
 
 
 def fit_ddp(data_dir: Path, runs_dir: Path, run: str, *extra: str) -> tuple[Path, list[dict]]:
     """Fit with 2 processes; the run directory and each rank's record, in rank order."""
     record_dir = runs_dir / f"{run}-record"
-    cli("fit", *TINY, *DDP, "--data.data_dir", str(data_dir), "--runs_dir", str(runs_dir), "--run", run,
+    cli("fit", *TWO_EPOCHS, *DDP, "--data.data_dir", str(data_dir), "--runs_dir", str(runs_dir), "--run", run,
         "--trainer.callbacks+=test_ddp.Recorder", "--trainer.callbacks.out_dir", str(record_dir), *extra)
     return runs_dir / run, [json.loads((record_dir / f"rank{r}.json").read_text()) for r in range(2)]
 
