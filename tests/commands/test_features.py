@@ -13,6 +13,7 @@ import torch
 from torchmetrics.classification import BinaryAccuracy
 
 from malaria.commands import features
+from malaria.run.loggers import WandbSaveConfig
 from malaria.data.datamodule import MalariaDataModule
 from malaria.commands.features import FeatureHead
 from malaria.prediction.predictor import predict_checkpoints
@@ -115,6 +116,7 @@ def test_features_are_extracted_once_per_backbone_and_runs_resume(
     cli = features.main(["--config", str(run / "config.yaml"), "--runs_dir", str(tmp_path),
                          "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--trainer.max_epochs", "5"])
     assert cli.trainer.current_epoch == 5 and cli.trainer.global_step > last["global_step"]
+    assert cli.save_config_callback is WandbSaveConfig  # built as `make train` builds its CLI
     # The Adam state came back: its step counts run on from the checkpoint's, for the classifier alone.
     assert optimizer_steps(cli) == {"fc.weight": cli.trainer.global_step, "fc.bias": cli.trainer.global_step}
 
