@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from malaria.commands import bench
-from malaria.common import errors
 from malaria.model.networks import default_image_size
 
 TINY = ["--batches", "1", "--data_batches", "1", "--warmup", "1", "--data.image_size", "32", "--data.batch_size", "8",
@@ -53,9 +52,12 @@ def test_the_naive_model_moves_device_augmentation_to_the_cpu() -> None:
     assert {A.HorizontalFlip, A.Affine, A.ColorJitter, A.SquareSymmetry} <= set(steps)
 
 
-def test_bad_arguments_are_refused() -> None:
-    with pytest.raises(errors.ConfigError, match="at least 1"):
-        bench.main(["--batches", "0"])
+def test_bad_arguments_are_refused_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    for flag in ("--batches", "--data_batches", "--warmup"):
+        with pytest.raises(SystemExit) as exit_:
+            bench.main([flag, "0"])
+        assert exit_.value.code == 2
+        assert f"argument {flag}: 0 does not conform to restriction v>0" in capsys.readouterr().err
 
 
 def test_a_recipe_resolves_as_in_training() -> None:
