@@ -52,15 +52,15 @@ def holdout_probabilities(run_dir: Path, prior: float = DEFAULT_STRENGTH,
     return ids, labels, probs
 
 
-def score_runs(run_dirs: Sequence[Path], prior: float = DEFAULT_STRENGTH) -> pd.DataFrame:
+def score_runs(folders: Sequence[Path], prior: float = DEFAULT_STRENGTH) -> pd.DataFrame:
     """Accuracy, F1 and AUROC of each run and of their mean probability, without and with TTA and
     slide prior."""
     members, first_ids = [], None
-    for run_dir in run_dirs:
+    for run_dir in folders:
         ids, labels, probs = holdout_probabilities(run_dir, prior)
         if first_ids is not None and ids != first_ids:
             raise errors.ConfigError(
-                f"{run_dir} holds out other images than {run_dirs[0]}: their data settings (data.seed, "
+                f"{run_dir} holds out other images than {folders[0]}: their data settings (data.seed, "
                 "data.split, data.val_fraction, data.fold or the training files) differ, so no shared "
                 "holdout can score their ensemble."
             )
@@ -94,8 +94,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
                         metavar="STRENGTH", help="pseudo-cells of the slide prior's shrinkage "
                                                  f"(default {DEFAULT_STRENGTH}; 0: no slide prior)")
     args = parser.parse_args(argv)
-    run_dirs = args.run or [run_dirs.latest_run()]
-    scores = score_runs(run_dirs, args.slide_prior)
+    folders = args.run or [run_dirs.latest_run()]
+    scores = score_runs(folders, args.slide_prior)
     Console().print(render(scores))
     return scores
 

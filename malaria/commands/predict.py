@@ -46,17 +46,17 @@ def main(argv: Sequence[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if args.out is not None and args.out.exists():
         parser.error(f"argument --out: {args.out} already exists; a submission is never overwritten.")
-    run_dirs = args.run or [run_dirs.latest_run()]
-    checkpoints = [run_dirs.checkpoint(r, args.checkpoint) for r in run_dirs]
+    folders = args.run or [run_dirs.latest_run()]
+    checkpoints = [run_dirs.checkpoint(r, args.checkpoint) for r in folders]
     predicted = predict_checkpoints(checkpoints, "test", args.data_dir, args.tta, args.slide_prior)
-    name = "+".join(r.name for r in run_dirs)
+    name = "+".join(r.name for r in folders)
     out = args.out or default_submission_path(name)
-    summaries = [run_dirs.read_summary(r) for r in run_dirs]
+    summaries = [run_dirs.read_summary(r) for r in folders]
     accuracies = [s["best_val_acc"] for s in summaries if s.get("best_val_acc") is not None]
     metadata = {
-        "runs": [r.name for r in run_dirs],
+        "runs": [r.name for r in folders],
         "checkpoints": [str(c) for c in checkpoints],
-        "config": ", ".join(str(r / "config.yaml") for r in run_dirs),
+        "config": ", ".join(str(r / "config.yaml") for r in folders),
         "val_acc": float(np.mean(accuracies)) if accuracies else None,
         "tta": args.tta,
         "slide_prior": args.slide_prior,

@@ -15,7 +15,7 @@ import torch
 from timm.models import get_pretrained_cfg, register_model
 from torch import nn
 
-from malaria.model import pretrained
+from malaria.model.pretrained import PACKAGED, packaged_state_dict
 from malaria.common.errors import ConfigError, MissingError
 
 # Half-way values: the scratch CNN has no pretrained statistics to match.
@@ -91,15 +91,15 @@ def create_model(name: str, pretrained: bool = False, pretrained_file: str | Non
     """`timm.create_model` with a single logit and offline-friendly pretrained weights.
 
     `pretrained_file` loads a local .pth/.safetensors state dict (no network); `pretrained` takes
-    the weights installed with the project for the networks in `pretrained.PACKAGED` (no network),
+    the weights installed with the project for the networks in `malaria.model.pretrained.PACKAGED` (no network),
     and downloads through timm's hub for any other."""
     overlay = None
     if pretrained_file:
         if not Path(pretrained_file).is_file():
             raise MissingError(f"pretrained_file {pretrained_file} does not exist.")
         overlay = {"file": str(pretrained_file)}
-    elif pretrained and name in pretrained.PACKAGED:
-        overlay = {"state_dict": pretrained.packaged_state_dict(name)}
+    elif pretrained and name in PACKAGED:
+        overlay = {"state_dict": packaged_state_dict(name)}
     try:
         return timm.create_model(name, pretrained=pretrained or overlay is not None,
                                  pretrained_cfg_overlay=overlay, num_classes=num_classes, **kwargs)
