@@ -41,7 +41,7 @@ from malaria.prediction.submission import (
     validate_submission,
 )
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "kaggle.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "kaggle.yaml"
 HISTORY = Path("submissions") / HISTORY_NAME
 CREDENTIALS_HELP = (
     "No usable Kaggle credentials. Create a token at https://www.kaggle.com/settings/api, then either "
