@@ -68,7 +68,8 @@ json.dump([codes[i] for i in range(len(jobs))], sys.stdout)
 def run_module(module: str, *args: str, cwd: Path, pythonpath: Path = REPO,
                timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """`python -m module *args` in a fresh interpreter, in cwd, with W&B off."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, dict.fromkeys([pythonpath, REPO]))),
+    paths = dict.fromkeys([pythonpath, REPO / "tests", REPO])  # test modules import conftest and runner
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, paths)),
            "WANDB_MODE": "disabled"}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)

@@ -65,8 +65,9 @@ def test_predict_writes_a_valid_submission_and_never_overwrites(trained: Path, d
     metadata = json.loads(out.with_name(out.name + ".json").read_text())
     assert metadata["runs"] == ["tiny"] and metadata["slide_prior"] == 1.0
     before = out.read_bytes()
-    with pytest.raises(FileExistsError):
+    with pytest.raises(SystemExit) as refused:  # the parser refuses it before predicting
         predict.main(["--run", str(trained), "--data.data_dir", str(demo_dir), "--out", str(out)])
+    assert refused.value.code == 2
     assert out.read_bytes() == before
 
 
