@@ -34,7 +34,7 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	touch $@
 
 train: install
-	$(PY) -m malaria.train fit \
+	$(PY) -m malaria.commands.train fit \
 		--config $(if $(RESUME),$(RESUME)/config.yaml,$(CONFIG)) \
 		$(if $(RESUME),--ckpt_path $(RESUME)/checkpoints/last.ckpt) \
 		$(if $(DATA_DIR),--data.data_dir $(DATA_DIR)) \
@@ -42,22 +42,22 @@ train: install
 		$(ARGS)
 
 features: install
-	$(PY) -m malaria.features --config $(if $(filter $(CONFIG),configs/default.yaml),configs/resnet18_features.yaml,$(CONFIG)) \
+	$(PY) -m malaria.commands.features --config $(if $(filter $(CONFIG),configs/default.yaml),configs/resnet18_features.yaml,$(CONFIG)) \
 		$(if $(DATA_DIR),--data.data_dir $(DATA_DIR)) $(if $(EPOCHS),--trainer.max_epochs $(EPOCHS)) $(ARGS)
 
 predict: install
-	$(PY) -m malaria.predict $(if $(RUN),--run $(RUN)) $(if $(DATA_DIR),--data.data_dir $(DATA_DIR)) $(if $(OUT),--out $(OUT)) $(ARGS)
+	$(PY) -m malaria.commands.predict $(if $(RUN),--run $(RUN)) $(if $(DATA_DIR),--data.data_dir $(DATA_DIR)) $(if $(OUT),--out $(OUT)) $(ARGS)
 
 holdout: install
-	$(PY) -m malaria.holdout $(if $(RUN),--run $(RUN)) $(ARGS)
+	$(PY) -m malaria.commands.holdout $(if $(RUN),--run $(RUN)) $(ARGS)
 
 cv: install
-	$(PY) -m malaria.cv --k $(or $(K),5) --config $(CONFIG) $(if $(DATA_DIR),--data.data_dir $(DATA_DIR)) \
+	$(PY) -m malaria.commands.cv --k $(or $(K),5) --config $(CONFIG) $(if $(DATA_DIR),--data.data_dir $(DATA_DIR)) \
 		$(if $(EPOCHS),--trainer.max_epochs $(EPOCHS)) $(ARGS)
 
 # Every worker pointing at the same STUDY and STORAGE shares one study; rerunning continues it.
 sweep: install
-	$(PY) -m malaria.sweep --config $(CONFIG) $(if $(SPACE),--space $(SPACE)) $(if $(TRIALS),--trials $(TRIALS)) \
+	$(PY) -m malaria.commands.sweep --config $(CONFIG) $(if $(SPACE),--space $(SPACE)) $(if $(TRIALS),--trials $(TRIALS)) \
 		$(if $(BUDGET),--budget $(BUDGET)) $(if $(TRIAL_MINUTES),--trial_minutes $(TRIAL_MINUTES)) \
 		$(if $(STUDY),--study $(STUDY)) $(if $(STORAGE),--storage "$(STORAGE)") \
 		$(if $(DATA_DIR),--data.data_dir $(DATA_DIR)) $(if $(EPOCHS),--trainer.max_epochs $(EPOCHS)) $(ARGS)
@@ -65,29 +65,29 @@ sweep: install
 # Without RUN, a slide-grouped CV runs first (named here, so the audit knows where its predictions are).
 AUDIT_CV := runs/audit-cv-$(shell date +%Y%m%d-%H%M%S)
 audit: install
-	$(if $(RUN),,$(PY) -m malaria.cv --k $(or $(K),5) --config $(CONFIG) --name $(notdir $(AUDIT_CV)) \
+	$(if $(RUN),,$(PY) -m malaria.commands.cv --k $(or $(K),5) --config $(CONFIG) --name $(notdir $(AUDIT_CV)) \
 		$(if $(DATA_DIR),--data.data_dir $(DATA_DIR)) $(if $(EPOCHS),--trainer.max_epochs $(EPOCHS)) $(ARGS) &&) \
-	$(PY) -m malaria.audit --run $(or $(RUN),$(AUDIT_CV))
+	$(PY) -m malaria.commands.audit --run $(or $(RUN),$(AUDIT_CV))
 
 lr-find: install
-	$(PY) -m malaria.lr_find --config $(CONFIG) $(if $(DATA_DIR),--data.data_dir $(DATA_DIR)) $(ARGS)
+	$(PY) -m malaria.commands.lr_find --config $(CONFIG) $(if $(DATA_DIR),--data.data_dir $(DATA_DIR)) $(ARGS)
 
 report: install
-	$(PY) -m malaria.report $(if $(RUN),--run $(RUN)) $(if $(DATA_DIR),--data.data_dir $(DATA_DIR))
+	$(PY) -m malaria.commands.report $(if $(RUN),--run $(RUN)) $(if $(DATA_DIR),--data.data_dir $(DATA_DIR))
 
 bench: install
-	@$(PY) -m malaria.bench --config $(CONFIG) $(if $(DATA_DIR),--data.data_dir $(DATA_DIR)) \
+	@$(PY) -m malaria.commands.bench --config $(CONFIG) $(if $(DATA_DIR),--data.data_dir $(DATA_DIR)) \
 		$(if $(BATCHES),--batches $(BATCHES)) $(ARGS)
 
 score: install
-	$(PY) -m malaria.scoring $(FILE) \
+	$(PY) -m malaria.commands.score $(FILE) \
 		--answers $(or $(ANSWERS),$(or $(DATA_DIR),data)/test_labels.csv)
 
 data: install
-	$(PY) -m malaria.leaderboard download $(if $(COMPETITION),--competition $(COMPETITION)) --data.data_dir $(or $(DATA_DIR),data)
+	$(PY) -m malaria.commands.leaderboard download $(if $(COMPETITION),--competition $(COMPETITION)) --data.data_dir $(or $(DATA_DIR),data)
 
 submit: install
-	$(PY) -m malaria.leaderboard submit $(if $(FILE),--file $(FILE)) $(if $(MESSAGE),--message "$(MESSAGE)") \
+	$(PY) -m malaria.commands.leaderboard submit $(if $(FILE),--file $(FILE)) $(if $(MESSAGE),--message "$(MESSAGE)") \
 		$(if $(DRY_RUN),--dry_run) $(if $(COMPETITION),--competition $(COMPETITION)) --data.data_dir $(or $(DATA_DIR),data)
 
 test: install

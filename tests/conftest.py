@@ -18,14 +18,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from malaria.demo import make_demo_competition
+from malaria.data.demo import make_demo_competition
 
-REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "dev"
+REPO = Path(__file__).resolve().parents[1]
+REALDATA = REPO.parent / "shared" / "realdata" / "dev"
 
 # configs/default.yaml shrunk to seconds on the demo data, for every test that trains (`from conftest import
-# TINY`); a test appends what it varies, and later flags win.
+# TINY`), in any working directory; a test appends what it varies, and later flags win.
 TINY = [
-    "--config", "configs/default.yaml",
+    "--config", str(REPO / "configs" / "default.yaml"),
     "--trainer.max_epochs", "1",
     "--trainer.enable_model_summary", "false",
     "--data.image_size", "32",

@@ -5,7 +5,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from malaria import predict, train
+from malaria.commands import predict
+from malaria.commands import train
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 

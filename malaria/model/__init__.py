@@ -1,0 +1,3 @@
+"""The model: timm networks (`networks`) and the weights packaged with the project (`pretrained`),
+the LightningModule around them (`classifier`), the metrics it logs with the one 0.5 threshold that
+every later stage shares (`metrics`), and transfer-learning callbacks (`finetune`)."""

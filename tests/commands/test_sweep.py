@@ -1,0 +1,229 @@
+"""`make sweep`: spaces checked before any trial, a study that survives a kill and continues, two
+workers sharing one store, pruning by epoch, and a report whose best.yaml trains.
+
+Every trial is TINY (conftest) on the demo competition, over a small space of its own."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+from filelock import FileLock
+from optuna.trial import TrialState
+
+from malaria.common import errors
+from malaria.run import run_dirs as runs
+from malaria.run import search_space
+from malaria.commands import sweep
+from malaria.commands import train
+
+from runner import REPO, run_commands
+from conftest import TINY
+from test_tracking import no_key, read_wandb_log  # noqa: F401 (no_key: a fixture)
+
+SPACE = """
+model.lr: {low: 1.0e-3, high: 1.0e-2, log: true}
+model.model_kwargs.drop_rate: {low: 0.0, high: 0.5}
+data.image_size: [24, 32]
+"""
+
+
+def sweep_args(tmp_path: Path, demo_dir: Path, *extra: str, space: str = SPACE) -> list[str]:
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(space)
+    return [*TINY, "--space", str(space_file), "--runs_dir", str(tmp_path / "runs"),
+            "--data.data_dir", str(demo_dir), *extra]
+
+
+def load(tmp_path: Path, study: str) -> optuna.Study:
+    return optuna.load_study(study_name=study, storage=f"sqlite:///{tmp_path}/runs/sweeps/{study}/study.db")
+
+
+def test_the_shipped_space_searches_what_the_default_recipe_accepts() -> None:
+    space = search_space.load(Path("configs/sweeps/default.yaml"))
+    search_space.RecipeParser("configs/default.yaml", []).check(space, "configs/sweeps/default.yaml")
+    assert {"model.lr", "model.weight_decay", "model.label_smoothing", "model.model_kwargs.drop_rate",
+            "data.image_size", "data.batch_size", "model.warmup_epochs"} <= set(space)
+
+
+@pytest.mark.parametrize(("space", "named"), [
+    ("model.lrr: {low: 1.0e-3, high: 1.0e-2}", "unknown key model.lrr"),
+    ("model.lr: {low: 1.0e-2, high: 1.0e-3}", "model.lr: empty range"),
+    ("data.image_size: []", "data.image_size: an empty list of choices"),
+    ("model.lr: {low: 0.0, high: 1.0e-2, log: true}", "model.lr"),
+    ("data.split: [random, sideways]", "data.split: the recipe configs/default.yaml refuses 'sideways'"),
+    ("data.batch_size: [16, 2.5]", "data.batch_size: the recipe configs/default.yaml refuses 2.5"),
+])
+def test_a_bad_space_is_one_error_naming_the_key_before_any_trial(demo_dir: Path, tmp_path: Path, capsys,
+                                                                  space: str, named: str) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        errors.run(lambda: sweep.main(sweep_args(tmp_path, demo_dir, "--trials", "1", space=space)))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.startswith("error: ") and named in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # no study, no trial
+
+
+def test_a_report_of_a_study_that_does_not_exist_says_so(tmp_path: Path) -> None:
+    with pytest.raises(errors.MissingError, match="No study nope"):
+        sweep.main(["--trials", "0", "--study", "nope", "--runs_dir", str(tmp_path)])
+
+
+def test_trials_draw_from_their_own_seed_so_a_study_reproduces_and_a_rerun_never_repeats() -> None:
+    def objective(trial: optuna.Trial) -> float:
+        return trial.suggest_float("x", 0, 1)
+
+    def study(sampler: optuna.samplers.BaseSampler, n: int, storage=None) -> optuna.Study:
+        study = optuna.create_study(study_name="s", storage=storage, sampler=sampler, load_if_exists=True)
+        study.optimize(objective, n_trials=n)
+        return study
+
+    drawn = [t.params["x"] for t in study(sweep.TrialSeededTPE(7), 12).trials]
+    assert [t.params["x"] for t in study(sweep.TrialSeededTPE(7), 12).trials] == drawn
+    # A rerun (a fresh process: a fresh sampler on the same store) continues with new draws,
+    # where one seeded TPESampler per process would propose the first trials again.
+    storage = optuna.storages.InMemoryStorage()
+    study(sweep.TrialSeededTPE(7), 4, storage)
+    resumed = [t.params["x"] for t in study(sweep.TrialSeededTPE(7), 4, storage).trials]
+    assert resumed[:4] == drawn[:4] and len(set(resumed)) == 8
+
+
+@pytest.mark.slow  # trials, and for some a second Python process
+def test_sweep_ranks_trials_draws_figures_writes_a_best_recipe_that_trains_and_continues(
+        demo_dir: Path, tmp_path: Path, capsys) -> None:
+    args = sweep_args(tmp_path, demo_dir, "--study", "s")
+    table = sweep.main([*args, "--trials", "3"])
+    assert table["rank"].tolist() == [1, 2, 3] and set(table["state"]) == {"complete"}
+    assert table["val_acc"].is_monotonic_decreasing and table["epochs"].eq(1).all()
+    study_dir = tmp_path / "runs" / "sweeps" / "s"
+    saved = pd.read_csv(study_dir / "trials.csv")
+    assert saved["trial"].tolist() == table["trial"].tolist()
+    assert {"model.lr", "model.model_kwargs.drop_rate", "data.image_size", "minutes", "run"} <= set(saved.columns)
+    for figure in ("history.png", "importances.png"):
+        assert (study_dir / figure).read_bytes()[:4] == b"\x89PNG"
+    for row in table.itertuples():  # each trial an ordinary run, scored by its best val/acc
+        summary = runs.read_summary(tmp_path / "runs" / row.run)
+        assert row.run == f"s-trial{row.trial}" and summary["best_val_acc"] == pytest.approx(row.val_acc)
+    assert "make train CONFIG=" in capsys.readouterr().out
+
+    best_yaml = study_dir / "best.yaml"
+    best = yaml.safe_load(best_yaml.read_text())
+    assert best["model"]["lr"] == pytest.approx(table["model.lr"][0])
+    assert best["model"]["model_kwargs"] == {"widths": [8, 16, 32],  # TINY's, with the trial's dropout
+                                             "drop_rate": pytest.approx(table["model.model_kwargs.drop_rate"][0])}
+    assert best["run"] is None and best["trainer"]["max_epochs"] == 1
+    train.main(["fit", "--config", str(best_yaml), "--runs_dir", str(tmp_path / "runs"), "--run", "best"])
+    assert runs.read_summary(tmp_path / "runs" / "best")["best_val_acc"] is not None
+
+    first = (tmp_path / "runs" / "s-trial0" / "checkpoints" / "best.ckpt").stat().st_mtime_ns
+    assert len(sweep.main([*args, "--trials", "4"])) == 4  # the same command, one more result
+    assert (tmp_path / "runs" / "s-trial0" / "checkpoints" / "best.ckpt").stat().st_mtime_ns == first
+    report = sweep.main(["--trials", "0", "--study", "s", "--runs_dir", str(tmp_path / "runs")])
+    assert len(report) == 4 and not (tmp_path / "runs" / "s-trial4").exists()
+    with pytest.raises(errors.ConfigError, match="Study s was started with another recipe"):
+        sweep.main([*args, "--trials", "5", "--trainer.max_epochs", "2"])
+
+
+@pytest.mark.slow  # trials, and for some a second Python process
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["killed", "ctrl-c"])
+def test_a_stopped_sweep_continues_where_it_stopped(demo_dir: Path, tmp_path: Path, stop: signal.Signals) -> None:
+    args = sweep_args(tmp_path, demo_dir, "--study", "k", "--trials", "2", "--heartbeat", "1",
+                      "--trainer.max_epochs", "3")
+    out, err = tmp_path / "worker.out", tmp_path / "worker.err"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        worker = subprocess.Popen([sys.executable, "-m", "malaria.commands.sweep", *args], cwd=REPO, stdout=stdout,
+                                  stderr=stderr)
+    db = tmp_path / "runs" / "sweeps" / "k" / "study.db"
+    stopped, deadline = None, time.time() + 300
+    try:
+        while stopped is None and time.time() < deadline and worker.poll() is None:
+            time.sleep(0.5)
+            try:
+                with FileLock(f"{db}.lock"):  # as the worker creates the store's tables
+                    trials = load(tmp_path, "k").get_trials(states=(TrialState.RUNNING,))
+            except KeyError:  # no study yet
+                continue
+            mid_way = [t.number for t in trials if t.number >= 1 and t.intermediate_values]  # 2nd trial
+            if mid_way:
+                stopped = mid_way[0]
+                worker.send_signal(stop)  # SIGKILL: no handler runs; SIGINT: Ctrl-C
+        worker.wait(timeout=120)
+    finally:
+        worker.kill()
+    assert stopped is not None, err.read_text()[-3000:]
+    if stop == signal.SIGINT:  # the worker reports and says how to go on
+        assert worker.returncode == 130 and "rerun the same command to continue" in out.read_text()
+    else:
+        time.sleep(3.5)  # past the dead trial's grace period: three missed heartbeats
+    finished = load(tmp_path, "k").trials[0]
+    assert finished.state == TrialState.COMPLETE
+
+    table = sweep.main(args).set_index("trial")
+    study = load(tmp_path, "k")
+    assert study.trials[stopped].state == TrialState.FAIL  # marked failed, not counted
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2 and len(study.trials) == 3
+    assert study.trials[0].datetime_complete == finished.datetime_complete  # kept, not rerun
+    assert table.loc[stopped, "state"] == "fail" and table.loc[stopped, "rank"] == 3
+
+
+@pytest.mark.slow  # trials, and for some a second Python process
+def test_two_workers_share_one_study_without_losing_or_repeating_a_trial(demo_dir: Path, tmp_path: Path) -> None:
+    args = sweep_args(tmp_path, demo_dir, "--study", "w", "--trials", "4")
+    results = run_commands([("malaria.commands.sweep", args, REPO)] * 2, tmp_path / "logs", parallel=2)
+    assert [r.returncode for r in results] == [0, 0], results[0].stderr[-3000:] + results[1].stderr[-3000:]
+    trials = load(tmp_path, "w").trials
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert 4 <= len(trials) <= 5  # a worker finishes the trial it started: at most one over
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers ran trials
+    assert len({tuple(t.params.values()) for t in trials}) == len(trials)  # no proposal drawn twice
+    run_dirs = {p.name for p in (tmp_path / "runs").glob("w-trial*")}
+    assert run_dirs == {f"w-trial{t.number}" for t in trials}  # one run per trial: none lost, none twice
+    for t in trials:
+        assert runs.read_summary(tmp_path / "runs" / f"w-trial{t.number}")["best_val_acc"] == pytest.approx(t.value)
+
+
+@pytest.mark.slow  # a W&B service start-up
+def test_a_trial_below_the_median_is_pruned_by_epoch_and_logged_in_the_study_group(
+        no_key: None, demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    args = sweep_args(tmp_path, demo_dir, "--study", "p", "--trials", "4", "--trainer.max_epochs", "3",
+                      "--wandb.mode", "offline")
+    space = search_space.load(tmp_path / "space.yaml")
+    (tmp_path / "runs" / "sweeps" / "p").mkdir(parents=True)
+    study = optuna.create_study(study_name="p", direction="maximize",
+                                storage=f"sqlite:///{tmp_path}/runs/sweeps/p/study.db")
+    for lr in (1e-3, 2e-3, 3e-3):  # a history no real trial can match: val/acc 2 at every epoch
+        study.add_trial(optuna.trial.create_trial(
+            params={"model.lr": lr, "model.model_kwargs.drop_rate": 0.1, "data.image_size": 24},
+            distributions=space, value=2.0, intermediate_values={0: 2.0, 1: 2.0, 2: 2.0}))
+    try:
+        table = sweep.main(args)
+    finally:
+        wandb.teardown()
+    trial = load(tmp_path, "p").trials[3]
+    assert trial.state == TrialState.PRUNED and sorted(trial.intermediate_values) == [0, 1]  # after epoch 2
+    assert table["state"].tolist() == ["complete"] * 3 + ["pruned"]
+    run = tmp_path / "runs" / "p-trial3"
+    assert (run / "checkpoints" / "best.ckpt").exists() and not (run / "summary.json").exists()
+    assert wandb.run is None  # closed, so the next trial's logger starts its own run
+    (log,) = run.glob("wandb/offline-run-*-p-trial3/run-p-trial3.wandb")
+    (record,) = [r.run for r in read_wandb_log(log) if r.WhichOneof("record_type") == "run"]
+    assert (record.run_id, record.run_group) == ("p-trial3", "p")
+
+
+def test_the_budget_bounds_the_sweep_and_cuts_its_last_trial_short(demo_dir: Path, tmp_path: Path) -> None:
+    args = sweep_args(tmp_path, demo_dir, "--study", "b", "--trials", "3", "--budget", "0.05",
+                      "--trainer.max_epochs", "500")
+    table = sweep.main(args)
+    (trial,) = load(tmp_path, "b").trials  # no second trial once the 3 s are spent
+    assert len(trial.intermediate_values) < 500 and len(table) == 1  # Lightning's max_time stopped it
+    assert trial.state in (TrialState.COMPLETE, TrialState.FAIL)  # FAIL: stopped before a validation

@@ -1,0 +1,50 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from malaria.common import hardware
+
+AVX512_NO_BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n"
+AVX512_BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx512_bf16\n"
+ARM = "processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n"
+
+
+@pytest.mark.parametrize("cpuinfo, expected", [(AVX512_BF16, True), (AVX512_NO_BF16, False), (ARM, False)])
+def test_bf16_is_read_from_the_cpu_flags(tmp_path: Path, cpuinfo: str, expected: bool) -> None:
+    (tmp_path / "cpuinfo").write_text(cpuinfo)
+    assert hardware.cpu_has_bf16(tmp_path / "cpuinfo") is expected
+
+
+def test_a_machine_without_cpuinfo_keeps_fp32(tmp_path: Path) -> None:
+    assert hardware.cpu_flags(tmp_path / "absent") == frozenset()
+    assert not hardware.cpu_has_bf16(tmp_path / "absent")
+
+
+@pytest.mark.parametrize("has_bf16, expected", [(True, "bf16-mixed"), (False, "32-true")])
+def test_cpu_precision_follows_the_hardware(monkeypatch: pytest.MonkeyPatch, has_bf16: bool, expected: str) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: has_bf16)
+    assert hardware.default_precision() == expected
+
+
+def test_logits_stay_fp32_under_bf16_autocast() -> None:
+    from malaria.model.classifier import MalariaClassifier
+
+    model = MalariaClassifier(model_kwargs={"widths": [8, 16]}).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randn(4, 3, 32, 32))
+    assert logits.dtype == torch.float32
+
+
+def test_a_training_step_of_the_default_network_costs_about_one_gflop_an_image_at_64_px() -> None:
+    from malaria.model.networks import create_model
+
+    net = create_model("malaria_cnn", widths=[32, 64, 128, 128], convs_per_stage=2)
+    at_64 = hardware.training_gflop_per_image(net, 64)
+    assert 0.9 < at_64 < 1.2  # forward 0.35 GFLOP, backward about twice that
+    assert hardware.training_gflop_per_image(net, 32) == pytest.approx(at_64 / 4, rel=0.02)
+
+
+def test_the_matmul_peak_is_a_rate() -> None:
+    assert 0 < hardware.matmul_peak_gflops(torch.float32, size=256, repeats=2) < 1e6
