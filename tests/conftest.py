@@ -80,3 +80,36 @@ def write_competition(folder: Path, n: int = 12, labels_csv: str | None = None, 
     test_names = [f"C99ThinF_IMG_20150101_000000_cell_{i}.png" for i in range(n_test)]
     write_zip(folder / "test_data.zip", {"test/" + name: png_bytes(cell(100 + i)) for i, name in enumerate(test_names)})
     return folder
+
+
+@pytest.fixture
+def no_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No API key anywhere: not in the environment, not in ~/.netrc; wandb's own folders in tmp."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+
+
+def read_wandb_log(path: Path) -> list:
+    """The records of an offline run's transaction log: LevelDB-log framing (32 KiB blocks of
+    7-byte-headed chunks, after W&B's 7-byte file header) around protobuf `Record`s."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
+    block, pos, pending, records = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records

@@ -97,3 +97,17 @@ def run_commands(commands: list[tuple[str, list[str], Path]], logs: Path, parall
     codes = json.loads(server.stdout)
     return [Result(code, Path(job["stdout"]).read_text(), Path(job["stderr"]).read_text())
             for code, job in zip(codes, jobs)]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` and its bytes: equal snapshots mean a verb changed nothing there."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_one_paragraph(result: subprocess.CompletedProcess[str] | Result, *named: str) -> str:
+    """A verb refused with exit status 1 and one `error:` paragraph naming each of `named`, no traceback."""
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    message = result.stderr[result.stderr.index("error: "):].strip()
+    assert "\n\n" not in message and all(n in message for n in named), message
+    return message

@@ -21,7 +21,6 @@ from malaria.run import run_dirs
 from malaria.run import loggers
 from malaria.prediction.predictor import load
 from malaria.evaluation.run_report import Report, build_report, log_to_wandb, predict_validation
-from malaria.evaluation.run_report import RunReport  # noqa: F401  run configs saved before issue 20 name malaria.commands.report.RunReport
 
 
 def _wandb_project(run_dir: Path) -> str:

@@ -9,25 +9,13 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY, write_competition
-from runner import run_commands, run_module
+from runner import assert_one_paragraph, run_commands, run_module, snapshot
 
 from malaria.common import errors
 from malaria.commands import train as train_cli
 
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def train(data_dir: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
     return run_module("malaria.commands.train", "fit", *TINY, "--data.data_dir", str(data_dir), cwd=cwd)
-
-
-def assert_one_paragraph(result: subprocess.CompletedProcess[str], *named: str) -> str:
-    assert result.returncode == 1, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    message = result.stderr[result.stderr.index("error: "):].strip()
-    assert "\n\n" not in message and all(n in message for n in named), message
-    return message
 
 
 def test_zips_without_the_labels_csv_fail_naming_the_missing_file(tmp_path: Path) -> None:

@@ -25,8 +25,7 @@ from malaria.commands import sweep
 from malaria.commands import train
 
 from runner import REPO, run_commands
-from conftest import TINY
-from test_tracking import no_key, read_wandb_log  # noqa: F401 (no_key: a fixture)
+from conftest import TINY, read_wandb_log
 
 SPACE = """
 model.lr: {low: 1.0e-3, high: 1.0e-2, log: true}

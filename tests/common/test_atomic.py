@@ -14,9 +14,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from runner import REPO, run_commands
+from runner import REPO, assert_one_paragraph, run_commands, snapshot
 from conftest import TINY
-from test_errors import assert_one_paragraph, snapshot
 
 from malaria.common import atomic
 from malaria.common import errors

@@ -18,6 +18,8 @@ import pytest
 from runner import REPO, run_commands
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
+from conftest import read_wandb_log
+
 from malaria.run import run_dirs
 from malaria.run import loggers
 from malaria.commands import train
@@ -36,16 +38,6 @@ TINY = [
     "--model.model_kwargs", '{"widths": [8, 16, 32]}',
     "--wandb.mode", "offline",
 ]
-
-
-@pytest.fixture
-def no_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No API key anywhere: not in the environment, not in ~/.netrc; wandb's own folders in tmp."""
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
-        monkeypatch.setenv(var, str(tmp_path / var.lower()))
 
 
 def test_auto_is_offline_without_a_key_and_says_so(no_key: None, caplog: pytest.LogCaptureFixture) -> None:
@@ -103,29 +95,6 @@ def test_wandb_starts_quietly_before_the_run_directory_exists(no_key: None, tmp_
         wandb.finish()
         wandb.teardown()
     assert "git root" not in capfd.readouterr().err
-
-
-def read_wandb_log(path: Path) -> list:
-    """The records of an offline run's transaction log: LevelDB-log framing (32 KiB blocks of
-    7-byte-headed chunks, after W&B's 7-byte file header) around protobuf `Record`s."""
-    from wandb.proto.wandb_internal_pb2 import Record
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
-    block, pos, pending, records = 32768, 7, b"", []
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # block trailer padding
-            pos += block - pos % block
-            continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        pending += data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # a full record, or the last chunk of one
-            record = Record()
-            record.ParseFromString(pending)
-            records.append(record)
-            pending = b""
-    return records
 
 
 def summarise(records: list) -> dict:
@@ -219,8 +188,8 @@ def unreachable_server(no_key: None, monkeypatch: pytest.MonkeyPatch) -> str:
 
 def test_an_unreachable_server_is_detected_quickly(unreachable_server: str) -> None:
     started = time.monotonic()
-    assert tracking.server_unreachable() == f"{unreachable_server}: ConnectionError"
-    assert time.monotonic() - started < tracking.REACH_SECONDS
+    assert loggers.server_unreachable() == f"{unreachable_server}: ConnectionError"
+    assert time.monotonic() - started < loggers.REACH_SECONDS
 
 
 @pytest.mark.slow  # one tiny fit in a child process, one W&B service start-up: ~20 s
@@ -249,7 +218,7 @@ def test_a_run_wandb_refuses_online_starts_offline(no_key: None, tmp_path: Path,
     """The server answers but wandb.init fails (an expired key, a server error): offline all the same."""
     import wandb
 
-    monkeypatch.setattr(tracking, "server_unreachable", lambda: None)
+    monkeypatch.setattr(loggers, "server_unreachable", lambda: None)
     init = wandb.init
     calls = []
 
@@ -261,7 +230,7 @@ def test_a_run_wandb_refuses_online_starts_offline(no_key: None, tmp_path: Path,
 
     monkeypatch.setattr(wandb, "init", refused_online)
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    logger = tracking.make_wandb_logger(tmp_path, "r1", "online", "p")
+    logger = loggers.make_wandb_logger(tmp_path, "r1", "online", "p")
     try:
         with caplog.at_level(logging.WARNING, logger="malaria.run.loggers"):
             run = logger.experiment
