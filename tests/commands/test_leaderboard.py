@@ -22,7 +22,7 @@ from malaria.commands import leaderboard
 from malaria.commands.leaderboard import KaggleError, connect, default_competition, download, main, submit
 from malaria.prediction.submission import SubmissionError, write_submission
 
-FAKES = Path(__file__).resolve().parent / "fakes"
+FAKES = Path(__file__).resolve().parents[1] / "fakes"
 IDS = ["t1.png", "t2.png", "t3.png"]
 COMPETITION = "fake-malaria"
 OUTER_FILES = ("train_data.zip", "train_labels.csv", "test_data.zip", "sample_submission.csv")

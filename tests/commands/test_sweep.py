@@ -57,8 +57,8 @@ def test_the_shipped_space_searches_what_the_default_recipe_accepts() -> None:
     ("model.lr: {low: 1.0e-2, high: 1.0e-3}", "model.lr: empty range"),
     ("data.image_size: []", "data.image_size: an empty list of choices"),
     ("model.lr: {low: 0.0, high: 1.0e-2, log: true}", "model.lr"),
-    ("data.split: [random, sideways]", "data.split: the recipe configs/default.yaml refuses 'sideways'"),
-    ("data.batch_size: [16, 2.5]", "data.batch_size: the recipe configs/default.yaml refuses 2.5"),
+    ("data.split: [random, sideways]", f"data.split: the recipe {TINY[1]} refuses 'sideways'"),
+    ("data.batch_size: [16, 2.5]", f"data.batch_size: the recipe {TINY[1]} refuses 2.5"),
 ])
 def test_a_bad_space_is_one_error_naming_the_key_before_any_trial(demo_dir: Path, tmp_path: Path, capsys,
                                                                   space: str, named: str) -> None:

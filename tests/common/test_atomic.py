@@ -23,7 +23,7 @@ from malaria.commands import leaderboard
 from malaria.commands import predict
 from malaria.commands import train
 
-FAULTS = Path(__file__).resolve().parent / "faults"
+FAULTS = Path(__file__).resolve().parents[1] / "faults"
 # Each faulty command runs in its own folder (where its FULL_DISK file is): the recipe by its full path.
 TINY_ANYWHERE = [str(REPO / arg) if arg.startswith("configs/") else arg for arg in TINY]
 
