@@ -78,7 +78,7 @@ def test_each_write_on_a_full_disk_stops_with_one_paragraph_and_changes_nothing(
                                                   "--trainer.max_epochs", "2"]),
         "cache": (".npy", "malaria.commands.train", ["fit", *TINY_ANYWHERE, "--data.data_dir", str(data), "--data.image_size", "24",
                                             "--runs_dir", str(tmp_path / "runs"), "--run", "new"]),
-        "report": ("report.md", "malaria.evaluation.run_report", ["--run", str(run)]),
+        "report": ("report.md", "malaria.commands.report", ["--run", str(run)]),
         "submission": ("new.csv", "malaria.commands.predict", ["--run", str(run), "--out", str(submissions / "new.csv")]),
         "history": ("history.csv", "malaria.commands.leaderboard", ["submit", "--file", str(submissions / "old.csv"),
                                                            "--dry_run", "--data.data_dir", str(data), "--history",

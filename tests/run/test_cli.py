@@ -18,11 +18,11 @@ from malaria.evaluation.run_report import RunReport
 
 def test_a_run_config_saved_before_the_defaults_resumes_without_doubled_callbacks(tmp_path: Path) -> None:
     old = yaml.safe_load(Path("configs/default.yaml").read_text())
-    old["trainer"]["plugins"] = [{"class_path": "malaria.run.checkpointing.AtomicCheckpointIO"}]
+    old["trainer"]["plugins"] = [{"class_path": "malaria.checkpointing.AtomicCheckpointIO"}]  # saved before the folders: old names
     old["trainer"]["callbacks"] = [
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"monitor": "val/acc", "mode": "max"}},
-        {"class_path": "malaria.run.checkpointing.LastCheckpoint", "init_args": {"every_n_train_steps": 7}},
-        {"class_path": "malaria.commands.report.RunReport"},
+        {"class_path": "malaria.checkpointing.LastCheckpoint", "init_args": {"every_n_train_steps": 7}},
+        {"class_path": "malaria.report.RunReport"},
     ]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
     cli = train.main(["--config", str(tmp_path / "config.yaml"), "--runs_dir", str(tmp_path), "--wandb.mode",
