@@ -56,7 +56,8 @@ def workspace(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A user's folder: the competition with its decoded cache, a finished run with its report, a
     submission and the upload history."""
     root = tmp_path_factory.mktemp("workspace")
-    data = Path(shutil.copytree(demo_dir, root / "data"))
+    # without the shared demo folder's caches: other tests may have decoded the size the cache case must write
+    data = Path(shutil.copytree(demo_dir, root / "data", ignore=shutil.ignore_patterns(".cache")))
     train.main(["fit", *TINY, "--data.data_dir", str(data), "--runs_dir", str(root / "runs"), "--run", "tiny",
                 "--trainer.enable_progress_bar", "false"])
     shutil.copytree(root / "runs" / "tiny", root / "runs" / "copy")  # the run that resumes
