@@ -30,7 +30,7 @@ import os
 import socket
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -156,6 +156,17 @@ def max_time(seconds: float) -> str:
     hours, minutes = divmod(minutes, 60)
     days, hours = divmod(hours, 24)
     return f"{days:02d}:{hours:02d}:{minutes:02d}:{secs:02d}"
+
+
+def stop_at(deadline: float) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
+    """Stops the study once less than a second of the budget is left: `max_time` counts whole seconds,
+    so a trial cut by it may end just before Optuna's own timeout, which would start one more."""
+
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if time.time() > deadline - 1:
+            study.stop()
+
+    return callback
 
 
 class Objective:
@@ -341,7 +352,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         try:
             with mock.patch.dict(os.environ, {"WANDB_RUN_GROUP": name}):
                 study.optimize(objective, n_trials=remaining, timeout=budget,
-                               callbacks=[optuna.study.MaxTrialsCallback(args.trials, states=COUNTED)],
+                               callbacks=[optuna.study.MaxTrialsCallback(args.trials, states=COUNTED),
+                                          *([stop_at(deadline)] if deadline is not None else [])],
                                catch=(FloatingPointError, NoHoldoutScore), gc_after_trial=True)
         except KeyboardInterrupt:
             interrupted = True
