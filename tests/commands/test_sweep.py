@@ -134,7 +134,7 @@ def test_sweep_ranks_trials_draws_figures_writes_a_best_recipe_that_trains_and_c
 @pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["killed", "ctrl-c"])
 def test_a_stopped_sweep_continues_where_it_stopped(demo_dir: Path, tmp_path: Path, stop: signal.Signals) -> None:
     args = sweep_args(tmp_path, demo_dir, "--study", "k", "--trials", "2", "--heartbeat", "1",
-                      "--trainer.max_epochs", "3")
+                      "--trainer.max_epochs", "12")  # long enough for the poller to catch trial 1 mid-way
     out, err = tmp_path / "worker.out", tmp_path / "worker.err"
     with out.open("w") as stdout, err.open("w") as stderr:
         worker = subprocess.Popen([sys.executable, "-m", "malaria.commands.sweep", *args], cwd=REPO, stdout=stdout,
