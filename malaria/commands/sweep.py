@@ -150,6 +150,17 @@ def check_same_sweep(study: optuna.Study, settings: dict[str, Any]) -> None:
                 "DATA_DIR and ARGS, or start a new one with STUDY=<name>.")
 
 
+def enqueue_recipe(study: optuna.Study, recipe: search_space.RecipeParser, space: search_space.Space) -> None:
+    """The recipe's own values as the new study's first trial, so that the ranked table says whether
+    the search beat the recipe, measured on the same cells, epochs and limits as every other trial."""
+    params = {key: recipe.value(key) for key in space}
+    outside = [f"{key}={value!r}" for key, value in params.items() if not search_space.contains(space[key], value)]
+    if outside:
+        print(f"The recipe lies outside the space ({', '.join(outside)}): no trial of its own values.")
+        return
+    study.enqueue_trial(params, skip_if_exists=True)
+
+
 def max_time(seconds: float) -> str:
     """Lightning's `max_time` (DD:HH:MM:SS) for a limit in seconds."""
     minutes, secs = divmod(max(1, int(seconds)), 60)
@@ -339,10 +350,13 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         raise errors.ConfigError("A sweep scores trials on the holdout: data.val_fraction must be above 0.")
     study_dir.mkdir(parents=True, exist_ok=True)
     study = open_study(name, make_storage(url, args.heartbeat), args.seed)
+    new = not study.user_attrs
     check_same_sweep(study, {
         "config": args.config, "overrides": overrides, "space_file": str(space_file),
         "recipe": recipe.resolved(), "space": {k: distribution_to_json(d) for k, d in space.items()},
     })
+    if new:
+        enqueue_recipe(study, recipe, space)
     remaining = args.trials - len(study.get_trials(deepcopy=False, states=COUNTED))
     budget = 60 * args.budget if args.budget else None  # seconds: no new trial after, none running past
     deadline = time.time() + budget if budget else None

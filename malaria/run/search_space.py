@@ -100,6 +100,17 @@ def suggest(trial: Trial, key: str, dist: BaseDistribution) -> Any:
     return trial.suggest_float(key, dist.low, dist.high, step=dist.step, log=dist.log)
 
 
+def contains(dist: BaseDistribution, value: Any) -> bool:
+    """Whether a value is one the distribution can propose (a choice, or inside the range)."""
+    if isinstance(dist, CategoricalDistribution):
+        return value in dist.choices
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(dist, IntDistribution) and value != int(value):
+        return False
+    return dist.low <= value <= dist.high
+
+
 def candidates(dist: BaseDistribution) -> list[Any]:
     """The values that stand for a whole distribution when the recipe checks it: its extremes."""
     if isinstance(dist, CategoricalDistribution):
@@ -156,6 +167,14 @@ class RecipeParser:
                     return flag, parts[cut:]
                 break
         raise KeyError(key)
+
+    def value(self, key: str) -> Any:
+        """The recipe's own value for a key of the space (None where it leaves it unset)."""
+        flag, path = self.flag_of(key)
+        node = self.base[flag]
+        for part in path:
+            node = node.get(part) if isinstance(node, Mapping) else None
+        return node
 
     def flags(self, params: Mapping[str, Any]) -> list[str]:
         """Training flags that set these parameters on top of the recipe and overrides."""
