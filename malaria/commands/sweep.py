@@ -156,7 +156,8 @@ def enqueue_recipe(study: optuna.Study, recipe: search_space.RecipeParser, space
     params = {key: recipe.value(key) for key in space}
     outside = [f"{key}={value!r}" for key, value in params.items() if not search_space.contains(space[key], value)]
     if outside:
-        print(f"The recipe lies outside the space ({', '.join(outside)}): no trial of its own values.")
+        print(f"The recipe's own values are not all in the space ({', '.join(outside)}): "
+              "no trial of them.")
         return
     study.enqueue_trial(params, skip_if_exists=True)
 

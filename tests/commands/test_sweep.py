@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 from filelock import FileLock
+from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
 from malaria.common import errors
@@ -92,6 +93,21 @@ def test_trials_draw_from_their_own_seed_so_a_study_reproduces_and_a_rerun_never
     study(sweep.TrialSeededTPE(7), 4, storage)
     resumed = [t.params["x"] for t in study(sweep.TrialSeededTPE(7), 4, storage).trials]
     assert resumed[:4] == drawn[:4] and len(set(resumed)) == 8
+
+
+def test_a_new_study_starts_with_the_recipes_own_values_where_the_space_holds_them(capsys) -> None:
+    recipe = search_space.RecipeParser(TINY[1], TINY[2:])
+    space = {"model.lr": FloatDistribution(1.0e-3, 1.0e-2, log=True), "data.image_size": CategoricalDistribution([24, 32])}
+    study = optuna.create_study(direction="maximize")
+    sweep.enqueue_recipe(study, recipe, space)
+    sweep.enqueue_recipe(study, recipe, space)  # a second worker opening the new study: still one
+    study.optimize(lambda trial: sum(search_space.suggest(trial, k, d) for k, d in space.items()), n_trials=2)
+    assert study.trials[0].params == {"model.lr": 0.003, "data.image_size": 32}  # configs/default.yaml, TINY
+    assert study.trials[1].params != study.trials[0].params
+
+    outside = optuna.create_study(direction="maximize")
+    sweep.enqueue_recipe(outside, recipe, {**space, "data.image_size": CategoricalDistribution([24])})
+    assert outside.trials == [] and "not all in the space (data.image_size=32)" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # trials, and for some a second Python process
