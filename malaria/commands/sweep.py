@@ -55,6 +55,7 @@ from malaria.common import errors  # noqa: E402
 from malaria.run import run_dirs as runs
 from malaria.run import search_space
 from malaria.common.atomic import replace_file, write_text  # noqa: E402
+from malaria.common.flags import NonNegativeInt, PositiveFloat, PositiveInt, argument  # noqa: E402
 from malaria.run.cli import build  # noqa: E402
 from malaria.run.loggers import finish_wandb  # noqa: E402
 
@@ -311,20 +312,20 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--config", default="configs/default.yaml")
     parser.add_argument("--space", type=Path, default=None,
                         help="search space (default: sweeps/<recipe>.yaml beside the recipe)")
-    parser.add_argument("--trials", type=int, default=20, help="results the study should hold; 0: report only")
-    parser.add_argument("--budget", type=float, default=None, help="minutes for this worker's whole sweep")
-    parser.add_argument("--trial_minutes", type=float, default=None, help="time limit of one trial")
+    parser.add_argument("--trials", type=argument(NonNegativeInt), default=20,
+                        help="results the study should hold; 0: report only")
+    parser.add_argument("--budget", type=argument(PositiveFloat), default=None,
+                        help="minutes for this worker's whole sweep")
+    parser.add_argument("--trial_minutes", type=argument(PositiveFloat), default=None, help="time limit of one trial")
     parser.add_argument("--study", default=None, help="study name (default: the recipe's, and the space's)")
     parser.add_argument("--storage", default=None,
                         help="RDB URL or journal file path (default: sqlite under runs/sweeps/<study>/)")
     parser.add_argument("--seed", type=int, default=42, help="sampler seed (trial n draws from seed + n)")
-    parser.add_argument("--heartbeat", type=int, default=10,
+    parser.add_argument("--heartbeat", type=argument(PositiveInt), default=10,
                         help="seconds between a running trial's heartbeats; silent for 3 of them: failed")
     parser.add_argument("--runs_dir", type=Path, default=runs.RUNS_DIR)
     # Anything else is a training override, e.g. --data.data_dir data --trainer.max_epochs 5.
     args, overrides = parser.parse_known_args(argv)
-    if args.trials < 0:
-        raise errors.ConfigError(f"--trials must be 0 (report only) or more, got {args.trials}.")
     recipe_name = Path(args.config).stem
     space_file = args.space or Path(args.config).parent / "sweeps" / f"{recipe_name}.yaml"
     name = args.study or "-".join(dict.fromkeys([recipe_name, space_file.stem]))

@@ -51,6 +51,10 @@ BAD_FLAGS: list[tuple[list[str], list[str]]] = [
     (["holdout", "ARGS=--slide_prior -1"], ["--slide_prior", "-1"]),
     (["holdout", "ARGS=--slide_prior none"], ["--slide_prior", "none"]),
     (["bench", "BATCHES=0"], ["--batches", "0"]),
+    (["bench", "ARGS=--precision half"], ["--precision", "half"]),
+    (["sweep", "TRIALS=-1"], ["--trials", "-1"]),
+    (["sweep", "BUDGET=0"], ["--budget", "0"]),
+    (["sweep", "TRIAL_MINUTES=-5"], ["--trial_minutes", "-5"]),
 ]
 
 
@@ -98,5 +102,5 @@ def test_a_bad_flag_ends_in_one_error_paragraph_naming_it(
 
 def test_the_table_covers_every_verb_that_takes_flags() -> None:
     verbs = {row[0][0] for row in BAD_FLAGS}
-    assert verbs >= {"train", "features", "lr-find", "cv", "audit", "predict", "holdout", "bench"}
+    assert verbs >= {"train", "features", "lr-find", "cv", "audit", "predict", "holdout", "bench", "sweep"}
     assert len(BAD_FLAGS) >= 20
