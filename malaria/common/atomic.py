@@ -12,7 +12,8 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -32,21 +33,36 @@ WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACC
 def _amount(size: int) -> str:
     """A size as people read it: 12 KiB, 3.4 MiB, 1.2 GiB."""
     if size < 2**20:
-        return f"{max(1, round(size / 2**10))} KiB"
+        return f"{-(-size // 2**10)} KiB"  # rounded up: 0 only when nothing is free
     return f"{size / 2**20:.1f} MiB" if size < 2**30 else f"{size / 2**30:.1f} GiB"
 
 
-def cannot_write(path: Path, err: OSError, needed: int | None = None) -> errors.WriteError:
+def cannot_write(path: Path, err: OSError, needed: int | None = None, atomic: bool = True) -> errors.WriteError:
     """The one-paragraph error for an output that could not be written: which file, why, and how
-    much space it needs against how much is free there."""
+    much space it needs against how much is free there. Only an atomic write can promise that
+    nothing changed."""
     try:
         free = f"{_amount(shutil.disk_usage(path.parent).free)} free there"
     except OSError:
         free = "free space unknown"
     size = f"it needs about {_amount(needed)}, " if needed else ""
+    unchanged = "; the files already there are unchanged" if atomic else ""
     return errors.WriteError(
         f"cannot write {path}: {err.strerror or err} ({size}{free}). Free some space, or make the folder "
-        "writable, and run the command again; the files already there are unchanged.")
+        f"writable, and run the command again{unchanged}.")
+
+
+@contextmanager
+def reported_as(path: Path) -> Iterator[None]:
+    """A full disk or an unwritable folder met by a library's own write of `path` (Lightning's
+    metrics.csv, hparams.yaml, config.yaml) is errors.WriteError naming it, as the project's
+    writes are; those writes are not atomic, so the error makes no promise about the file."""
+    try:
+        yield
+    except OSError as err:
+        if isinstance(err, errors.UserError) or err.errno not in WRITE_ERRNOS:
+            raise
+        raise cannot_write(path, err, atomic=False) from None
 
 
 def _size(path: Path) -> int:

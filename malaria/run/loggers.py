@@ -18,6 +18,7 @@ import netrc
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import requests
 import yaml
@@ -26,6 +27,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+from malaria.common.atomic import reported_as
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +67,21 @@ def resolve_mode(mode: str) -> str:
 
 
 class _AppendingWriter(ExperimentWriter):
-    """Lightning's writer deletes an existing metrics.csv; a resumed run appends to it instead."""
+    """Lightning's writer deletes an existing metrics.csv; a resumed run appends to it instead.
+    A full disk under either of its files is one error naming the file, not a traceback."""
 
     def _check_log_dir_exists(self) -> None:
         if self._fs.isfile(self.metrics_file_path):
             with self._fs.open(self.metrics_file_path, "r", newline="") as file:
                 self.metrics_keys = next(csv.reader(file), [])
+
+    def log_hparams(self, params: dict[str, Any]) -> None:
+        with reported_as(Path(self.log_dir) / self.NAME_HPARAMS_FILE):
+            super().log_hparams(params)
+
+    def save(self) -> None:
+        with reported_as(Path(self.metrics_file_path)):
+            super().save()
 
 
 class ResumableCSVLogger(CSVLogger):
@@ -179,6 +191,10 @@ class WandbSaveConfig(SaveConfigCallback):
     """Saves config.yaml like LightningCLI does, and logs the full resolved config (trainer,
     callbacks, model, data, seed) to W&B under `cli`: Lightning itself logs only the
     hyperparameters of the model and the data module."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        with reported_as(Path(trainer.log_dir or ".") / self.config_filename):
+            super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         wandb_logger = find_wandb_logger(trainer.loggers)

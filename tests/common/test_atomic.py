@@ -3,14 +3,19 @@ folder stops the verb with one `error:` paragraph naming the file and about how 
 leaves every file written before as it was.
 
 The full disk is injected at the lowest write points (fsync, posix_fallocate) in child processes, by
-tests/faults/sitecustomize.py. A real small file system (a loop-mounted image or a size-capped tmpfs)
-needs root's mount here, so it is not used."""
+tests/faults/sitecustomize.py; and, where this process may mount one (root in a container that
+allows it), it is real: a size-capped tmpfs under the run folder, which also reaches the files
+Lightning writes itself (config.yaml, hparams.yaml, metrics.csv)."""
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -106,3 +111,41 @@ def test_each_write_on_a_full_disk_stops_with_one_paragraph_and_changes_nothing(
     assert {folder: snapshot(folder) for folder in kept} == before
     assert (run / "report.md").read_bytes() == report
     print("\n".join(f"{name}: {message}" for name, message in messages.items()))
+
+
+@contextmanager
+def small_filesystem(path: Path, kib: int) -> Iterator[Path]:
+    """A real file system of `kib` KiB mounted at `path` (tmpfs, 4 KiB pages), or the test skips."""
+    path.mkdir(parents=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mount.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.mark.slow  # five short trainings in child processes: ~60 s
+def test_a_run_on_a_real_full_disk_stops_at_the_file_it_could_not_write(demo_dir: Path, tmp_path: Path) -> None:
+    # Each run's folder lies on a file system of one to four pages (the first with its page taken),
+    # so each stops at a later file: the first files every run writes are a page each.
+    sizes = {"none-free": (4, 1), "one-page": (4, 0), "two-pages": (8, 0), "three-pages": (12, 0),
+             "four-pages": (16, 0)}  # name: (KiB, bytes of a file taking space first)
+    with ExitStack() as mounts:
+        commands = []
+        for name, (kib, taken) in sizes.items():
+            disk = mounts.enter_context(small_filesystem(tmp_path / name, kib))
+            if taken:
+                (disk / "taken").write_bytes(b"x" * taken)
+            commands.append(("malaria.commands.train", ["fit", *TINY_ANYWHERE, "--data.data_dir", str(demo_dir),
+                                                        "--runs_dir", str(disk), "--run", "t"], tmp_path))
+        results = run_commands(commands, tmp_path / "logs", timeout=500)
+    stopped_at = []
+    for name, result in zip(sizes, results):
+        message = assert_one_paragraph(result, f"cannot write {tmp_path / name / 't'}/", "No space left on device")
+        stopped_at.append(Path(re.search(r"cannot write (\S+): ", message)[1]).name)
+    # Lightning's own writes among them, each named as the project's atomic writes are.
+    assert {"config.yaml", "hparams.yaml", "metrics.csv"} <= set(stopped_at), stopped_at
+    assert len(set(stopped_at)) == len(sizes), stopped_at  # every page further, a later file
