@@ -13,7 +13,7 @@ help:
 	@echo "make predict  [DATA_DIR=data] [RUN='runs/a runs/b'] [OUT=path.csv] [ARGS='--tta --checkpoint last --slide_prior 0']"
 	@echo "make holdout  [RUN='runs/a runs/b'] [ARGS='--slide_prior 5']  each run and their ensemble on the holdout they share, TTA and slide prior off and on"
 	@echo "make submit   [FILE=submissions/x.csv] [MESSAGE='...'] [DRY_RUN=1]"
-	@echo "make score    [FILE='a.csv [b.csv ...]'] [ANSWERS=DATA_DIR/test_labels.csv]  accuracy against an answer key; b, c... compared with a"
+	@echo "make score    [FILE='a.csv [b.csv ...]'] [ANSWERS=DATA_DIR/test_labels.csv] [ARGS='--shared_errors DIR']  accuracy against an answer key; b, c... compared with a"
 	@echo "make cv       [K=5] [CONFIG=...] [DATA_DIR=...] [EPOCHS=N] [ARGS=...]   slide-grouped cross-validation"
 	@echo "make sweep    [TRIALS=20] [SPACE=configs/sweeps/<recipe>.yaml] [EPOCHS=N] [BUDGET=min] [TRIAL_MINUTES=N] [STUDY=name] [STORAGE=url] [CONFIG, DATA_DIR, ARGS]  Optuna search; rerun continues it; TRIALS=0: report only"
 	@echo "make audit    [RUN=runs/<cv>] or [K=5] [CONFIG=...] [DATA_DIR=...] [EPOCHS=N]  suspect labels from out-of-fold predictions"
@@ -80,7 +80,7 @@ bench: install
 		$(if $(BATCHES),--batches $(BATCHES)) $(ARGS)
 
 score: install
-	$(PY) -m malaria.commands.score $(FILE) \
+	$(PY) -m malaria.commands.score $(FILE) $(ARGS) \
 		--answers $(or $(ANSWERS),$(or $(DATA_DIR),data)/test_labels.csv)
 
 data: install

@@ -13,7 +13,6 @@ the given label), and `audit.md` beside it counts them per class and slide and s
 from __future__ import annotations
 
 import argparse
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,13 +23,12 @@ from cleanlab.filter import find_label_issues
 from matplotlib.figure import Figure
 
 from malaria.data import archive
-from malaria.data import cache
+from malaria.data.archive import CLASSES
 from malaria.common import errors
 from malaria.data import splits
 from malaria.common.atomic import replace_file, write_text
 from malaria.common.flags import PositiveInt, argument
-from malaria.model.metrics import CLASSES
-from malaria.evaluation.run_report import image_grid
+from malaria.evaluation.run_report import zip_gallery
 
 COLUMNS = ["img_name", "label", "prob_given", "rank", "slide"]
 
@@ -52,14 +50,10 @@ def label_issues(oof: pd.DataFrame) -> pd.DataFrame:
 
 def gallery(issues: pd.DataFrame, data_dir: Path, shown: int, columns: int = 8) -> Figure:
     """The most suspect cells, each titled with its given label and that label's probability."""
-    table = archive.load_train(data_dir)
-    members = dict(zip(table.ids, table.members))
     top = issues.head(shown)
-    with zipfile.ZipFile(table.zip_path) as zipped:
-        images = [cache.decode(zipped.read(members[name]), 96) for name in top["img_name"]]
     captions = [f"#{row.rank} {CLASSES[row.label][:5]} {row.prob_given:.2f}" for row in top.itertuples()]
-    return image_grid(np.stack(images) if images else [], captions,
-                      "Most suspect labels: rank, given label, its out-of-fold probability", columns, inches=1.3)
+    return zip_gallery(archive.load_train(data_dir), top["img_name"].tolist(), captions,
+                       "Most suspect labels: rank, given label, its out-of-fold probability", columns=columns)
 
 
 def markdown(name: str, oof: pd.DataFrame, issues: pd.DataFrame, data_dir: Path, shown: int) -> str:

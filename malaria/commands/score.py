@@ -4,7 +4,9 @@
 
 `make score` runs it. Each file is validated and scored (accuracy, the leaderboard's metric, and
 which slides hold the errors); each file after the first is also compared with the first, image
-by image, by the exact McNemar test.
+by image, by the exact McNemar test. Given several, it counts the images every one gets wrong: no
+vote of these submissions can get them right, so they bound what ensembling them can score, and
+`--shared_errors DIR` writes them out with a gallery, to see whether the model or the label is wrong.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ import pandas as pd
 from scipy.stats import binomtest
 
 from malaria.common import errors
-from malaria.evaluation.slide_errors import describe_errors
+from malaria.common.atomic import replace_file
 from malaria.common.errors import listing
+from malaria.data import archive, splits
+from malaria.data.archive import CLASSES
+from malaria.evaluation.slide_errors import describe_errors
 from malaria.prediction.submission import HEADER, SHOWN, SubmissionError, newest_submission, validate_submission
 
 
@@ -65,6 +70,33 @@ def compare(a: pd.Series, b: pd.Series) -> Comparison:
     return Comparison(float(b.mean() - a.mean()), b_only, a_only, float(p_value))
 
 
+def wrong_in_all(results: Sequence[pd.Series]) -> pd.Index:
+    """The images every submission gets wrong, given their `correct` series."""
+    right = pd.concat([result.reindex(results[0].index) for result in results], axis=1)
+    return right.index[~right.any(axis=1)]
+
+
+def save_shared_errors(labels: pd.Series, answers: Path, out: Path, shown: int = 48) -> None:
+    """`out/shared_errors.csv` (img_name, the key's label, slide) and, when the test zip lies beside
+    the answer key, `out/shared_errors.png`: the first `shown` cells, captioned with the key's label."""
+    from malaria.evaluation.run_report import zip_gallery  # torch and Lightning: only to draw
+
+    table = pd.DataFrame({"img_name": labels.index, "label": labels.to_numpy(),
+                          "slide": [splits.slide_of(name) or "" for name in labels.index]})
+    out.mkdir(parents=True, exist_ok=True)
+    replace_file(out / "shared_errors.csv", lambda f: table.to_csv(f, index=False))
+    print(f"wrote {out / 'shared_errors.csv'}")
+    if not (answers.parent / archive.TEST_ZIP).exists():
+        print(f"no {archive.TEST_ZIP} beside {answers}: no gallery")
+        return
+    top = table.head(shown)
+    figure = zip_gallery(archive.load_test(answers.parent), top["img_name"].tolist(),
+                         [f"key: {CLASSES[label]}" for label in top["label"]],
+                         f"Wrong in every submission, with the answer key's label ({len(top)} of {len(table)})")
+    replace_file(out / "shared_errors.png", lambda f: figure.savefig(f, format="png", dpi=100), binary=True)
+    print(f"wrote {out / 'shared_errors.png'}")
+
+
 def main(argv: Sequence[str] | None = None) -> list[float] | None:
     """`python -m malaria.commands.score [FILE ...] [--answers KEY]`: validate submissions, score them given a key.
 
@@ -74,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> list[float] | None:
                         help="submission CSVs (default: the newest in submissions/)")
     parser.add_argument("--answers", type=Path, default=None,
                         help="answer key, e.g. ../shared/realdata/dev/test_labels.csv")
+    parser.add_argument("--shared_errors", type=Path, default=None, metavar="DIR",
+                        help="with several files: write the images every one gets wrong to DIR")
     args = parser.parse_args(argv)
     files = args.files or [newest_submission()]
     if args.answers is None:
@@ -89,6 +123,15 @@ def main(argv: Sequence[str] | None = None) -> list[float] | None:
         verdict = "a real difference" if c.p_value < 0.05 else "within the key's noise"
         print(f"{file} vs {files[0]}: {100 * c.gain:+.2f} points; images right only in {file.name}: {c.b_only}, "
               f"only in {files[0].name}: {c.a_only}; exact McNemar p = {c.p_value:.3f} ({verdict})")
+    if len(results) > 1:
+        shared = wrong_in_all(results)
+        labels = validate_submission(args.answers).set_index(HEADER[0])[HEADER[1]][shared]
+        counts = ", ".join(f"{CLASSES[label]} {count}" for label, count in labels.value_counts().sort_index().items())
+        print(f"wrong in all {len(results)} files: {len(shared)} images ({100 * len(shared) / len(results[0]):.2f}%; "
+              f"by the key's label: {counts or 'none'}); no vote of these files scores above "
+              f"{1 - len(shared) / len(results[0]):.4f}")
+        if args.shared_errors:
+            save_shared_errors(labels, args.answers, args.shared_errors)
     return [float(result.mean()) for result in results]
 
 

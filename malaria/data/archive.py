@@ -26,6 +26,7 @@ LABEL_CSVS = ("train_labels.csv", "train_data.csv")
 SAMPLE_SUBMISSION = "sample_submission.csv"
 DEMO_SUBDIR = "demo"  # data_dir/demo: the generated competition of a fresh clone
 ID_COLUMNS = ("img_name", "id")
+CLASSES = ("uninfected", "parasitized")  # the names of labels 0 and 1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 

@@ -10,6 +10,7 @@ slides with `data.split: slide`).
 from __future__ import annotations
 
 import logging
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +33,11 @@ from torchvision.utils import make_grid
 
 from malaria.common import errors
 from malaria.common.atomic import replace_file, write_text
+from malaria.data import cache
+from malaria.data.archive import CLASSES, ImageTable
 from malaria.data.datamodule import MalariaDataModule
 from malaria.prediction.predictor import predict_subset
-from malaria.model.metrics import CLASSES, THRESHOLD, classes, score
+from malaria.model.metrics import THRESHOLD, classes, score
 from malaria.model.classifier import MalariaClassifier
 from malaria.evaluation.slide_errors import describe_errors
 
@@ -188,6 +191,15 @@ def image_grid(images: np.ndarray, captions: Sequence[str], title: str, columns:
         ax.text((k % columns) * width + 1.5 * pad, (k // columns) * height + 1.5 * pad, caption, fontsize=6,
                 va="top", bbox={"facecolor": "white", "alpha": 0.7, "pad": 1, "linewidth": 0})
     return fig
+
+
+def zip_gallery(table: ImageTable, names: Sequence[str], captions: Sequence[str], title: str,
+                size: int = 96, columns: int = 8) -> Figure:
+    """The named cells of a competition zip, decoded at `size` px, in an `image_grid`."""
+    members = dict(zip(table.ids, table.members))
+    with zipfile.ZipFile(table.zip_path) as zipped:
+        images = [cache.decode(zipped.read(members[name]), size) for name in names]
+    return image_grid(np.stack(images) if images else [], captions, title, columns, inches=1.3)
 
 
 def mistakes_gallery(predictions: ValPredictions, shown: np.ndarray, columns: int = 8) -> Figure:

@@ -11,7 +11,6 @@ import torch
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryAveragePrecision, BinaryF1Score
 
-CLASSES = ("uninfected", "parasitized")  # the names of labels 0 and 1
 THRESHOLD = 0.5  # P(parasitized) at or above it is parasitized: in training, reports and submissions
 
 

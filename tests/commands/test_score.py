@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
+from PIL import Image
 
 from malaria.commands import score
 from malaria.evaluation.slide_errors import by_slide
@@ -65,3 +67,41 @@ def test_score_shows_which_slides_hold_the_errors(tmp_path: Path, capsys: pytest
     out = capsys.readouterr().out
     assert "5 errors on 3 of 4 slides; 1 slides hold half of them" in out
     assert "C40P40              4       3   0.250" in out and "C42P42" not in out
+
+
+def test_several_files_name_the_images_every_one_gets_wrong_and_draw_them(
+        demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key = demo_dir / "test_labels.csv"
+    truth = pd.read_csv(key)
+    ids, labels = truth["img_name"].tolist(), truth["label"].to_numpy()
+    shared = [0, 3, 7]  # wrong in every file; each file is wrong on one more image of its own
+    files = []
+    for k in range(3):
+        guess = labels.copy()
+        guess[shared + [10 + k]] = 1 - guess[shared + [10 + k]]
+        files.append(write_submission(ids, guess.tolist(), tmp_path / f"s{k}.csv"))
+    out_dir = tmp_path / "shared"
+    score.main([*map(str, files), "--answers", str(key), "--shared_errors", str(out_dir)])
+    n = len(ids)
+    by_label = {c: int((labels[shared] == label).sum()) for label, c in enumerate(("uninfected", "parasitized"))}
+    counts = ", ".join(f"{c} {k}" for c, k in by_label.items() if k)
+    assert (f"wrong in all 3 files: 3 images ({100 * 3 / n:.2f}%; by the key's label: {counts}); "
+            f"no vote of these files scores above {1 - 3 / n:.4f}") in capsys.readouterr().out
+    written = pd.read_csv(out_dir / "shared_errors.csv")
+    assert written["img_name"].tolist() == [ids[i] for i in shared]
+    assert written["label"].tolist() == labels[shared].tolist()
+    with Image.open(out_dir / "shared_errors.png") as gallery:
+        assert gallery.size[0] > 300  # a drawn grid, decoded from the test zip beside the key
+
+
+def test_files_with_no_error_in_common_say_none_and_need_no_test_zip(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ids = [f"c{i}.png" for i in range(4)]
+    key = write_submission(ids, [1, 1, 0, 0], tmp_path / "key.csv")
+    a = write_submission(ids, [0, 1, 0, 0], tmp_path / "a.csv")
+    b = write_submission(ids, [1, 0, 0, 0], tmp_path / "b.csv")
+    score.main([str(a), str(b), "--answers", str(key), "--shared_errors", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert "wrong in all 2 files: 0 images (0.00%; by the key's label: none); no vote of these files scores above 1.0000" in out
+    assert f"no test_data.zip beside {key}: no gallery" in out
+    assert pd.read_csv(tmp_path / "out" / "shared_errors.csv").empty
