@@ -55,6 +55,7 @@ BAD_FLAGS: list[tuple[list[str], list[str]]] = [
     (["sweep", "TRIALS=-1"], ["--trials", "-1"]),
     (["sweep", "BUDGET=0"], ["--budget", "0"]),
     (["sweep", "TRIAL_MINUTES=-5"], ["--trial_minutes", "-5"]),
+    (["score", "FILE=taken.csv taken.csv", "ARGS=--shared_errors taken.csv"], ["--shared_errors", "taken.csv"]),
 ]
 
 
@@ -102,5 +103,5 @@ def test_a_bad_flag_ends_in_one_error_paragraph_naming_it(
 
 def test_the_table_covers_every_verb_that_takes_flags() -> None:
     verbs = {row[0][0] for row in BAD_FLAGS}
-    assert verbs >= {"train", "features", "lr-find", "cv", "audit", "predict", "holdout", "bench", "sweep"}
+    assert verbs >= {"train", "features", "lr-find", "cv", "audit", "predict", "holdout", "bench", "sweep", "score"}
     assert len(BAD_FLAGS) >= 20

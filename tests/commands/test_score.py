@@ -105,3 +105,21 @@ def test_files_with_no_error_in_common_say_none_and_need_no_test_zip(
     assert "wrong in all 2 files: 0 images (0.00%; by the key's label: none); no vote of these files scores above 1.0000" in out
     assert f"no test_data.zip beside {key}: no gallery" in out
     assert pd.read_csv(tmp_path / "out" / "shared_errors.csv").empty
+
+
+@pytest.mark.parametrize("target", ["file", "earlier"])
+def test_shared_errors_never_overwrite_a_file_or_an_earlier_list(
+        tmp_path: Path, target: str, capsys: pytest.CaptureFixture[str]) -> None:
+    ids = [f"c{i}.png" for i in range(4)]
+    key = write_submission(ids, [1, 1, 0, 0], tmp_path / "key.csv")
+    a = write_submission(ids, [0, 1, 0, 0], tmp_path / "a.csv")
+    out = a if target == "file" else tmp_path / "out"
+    if target == "earlier":
+        out.mkdir()
+        (out / "shared_errors.csv").write_text("img_name,label,slide\n")
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*.csv")}
+    with pytest.raises(SystemExit) as stop:
+        score.main([str(a), str(a), "--answers", str(key), "--shared_errors", str(out)])
+    assert stop.value.code == 2
+    assert f"argument --shared_errors: {out} is a file or already holds shared_errors.csv" in capsys.readouterr().err
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*.csv")} == before
