@@ -109,10 +109,13 @@ def main(argv: Sequence[str] | None = None) -> list[float] | None:
     parser.add_argument("--shared_errors", type=Path, default=None, metavar="DIR",
                         help="with several files: write the images every one gets wrong to DIR")
     args = parser.parse_args(argv)
+    files = args.files or [newest_submission()]
+    if args.shared_errors and (len(files) < 2 or args.answers is None):
+        parser.error("argument --shared_errors: it lists what several files get wrong: "
+                     "give two or more files and --answers.")
     if args.shared_errors and (args.shared_errors.is_file() or (args.shared_errors / "shared_errors.csv").exists()):
         parser.error(f"argument --shared_errors: {args.shared_errors} is a file or already holds shared_errors.csv; "
                      "name a new folder (nothing there is overwritten).")
-    files = args.files or [newest_submission()]
     if args.answers is None:
         for file in files:
             print(f"{file}: valid, {len(validate_submission(file))} rows")

@@ -56,6 +56,7 @@ BAD_FLAGS: list[tuple[list[str], list[str]]] = [
     (["sweep", "BUDGET=0"], ["--budget", "0"]),
     (["sweep", "TRIAL_MINUTES=-5"], ["--trial_minutes", "-5"]),
     (["score", "FILE=taken.csv taken.csv", "ARGS=--shared_errors taken.csv"], ["--shared_errors", "taken.csv"]),
+    (["score", "FILE=taken.csv", "ARGS=--shared_errors out"], ["--shared_errors", "two or more files"]),
 ]
 
 

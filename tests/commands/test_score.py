@@ -123,3 +123,14 @@ def test_shared_errors_never_overwrite_a_file_or_an_earlier_list(
     assert stop.value.code == 2
     assert f"argument --shared_errors: {out} is a file or already holds shared_errors.csv" in capsys.readouterr().err
     assert {path: path.read_bytes() for path in tmp_path.rglob("*.csv")} == before
+
+
+def test_shared_errors_of_a_single_file_is_refused_before_scoring(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ids = [f"c{i}.png" for i in range(4)]
+    key = write_submission(ids, [1, 1, 0, 0], tmp_path / "key.csv")
+    a = write_submission(ids, [0, 1, 0, 0], tmp_path / "a.csv")
+    with pytest.raises(SystemExit) as stop:
+        score.main([str(a), "--answers", str(key), "--shared_errors", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    assert "argument --shared_errors: it lists what several files get wrong" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
