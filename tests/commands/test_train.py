@@ -177,6 +177,22 @@ def test_runs_print_no_cloud_logger_tip_nor_a_sample_submission_warning(demo_dir
     assert "litlogger" not in caplog.text and "ignoring columns" not in caplog.text
 
 
+def test_cv_and_bf16_runs_print_no_lightning_warnings_for_others(demo_dir: Path, tmp_path: Path) -> None:
+    """cv and sweep pass the CLI its arguments beside their own sys.argv, and the CPU default's bf16
+    summary cannot be sized: neither is the user's mistake, so neither is printed."""
+    script = ("import sys; sys.argv = ['cv', '--k', '2']\n"
+              "from lightning.pytorch.utilities.model_summary import summarize\n"
+              "from malaria.run.cli import build\n"
+              f"cli = build(['--config', 'configs/default.yaml', '--data.data_dir', '{demo_dir}',"
+              f" '--run', 'x', '--runs_dir', '{tmp_path}', '--wandb.mode', 'disabled',"
+              " '--trainer.precision', 'bf16-mixed'], run=False)\n"
+              "cli.model.trainer = cli.trainer\n"
+              "print(summarize(cli.model))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert "Trainable params" in done.stdout and "bfloat16" in done.stderr  # it summarised, in bf16
+    assert "args parameter" not in done.stderr and "not supported by the model summary" not in done.stderr
+
+
 def test_predicting_verbs_are_quiet_without_the_cli() -> None:
     """`make predict`, holdout, cv never import the CLI: the prediction core silences Lightning too."""
     script = ("import lightning as L, malaria.prediction.predictor\n"
