@@ -22,7 +22,7 @@ from malaria.commands import train
 from malaria.run.checkpointing import AtomicCheckpointIO
 from malaria.prediction.submission import validate_submission
 
-from conftest import TINY
+from conftest import REPO, TINY
 
 
 def fit(data_dir: Path, runs_dir: Path, *extra: str) -> train.MalariaCLI:
@@ -183,7 +183,7 @@ def test_cv_and_bf16_runs_print_no_lightning_warnings_for_others(demo_dir: Path,
     script = ("import sys; sys.argv = ['cv', '--k', '2']\n"
               "from lightning.pytorch.utilities.model_summary import summarize\n"
               "from malaria.run.cli import build\n"
-              f"cli = build(['--config', 'configs/default.yaml', '--data.data_dir', '{demo_dir}',"
+              f"cli = build(['--config', '{REPO / 'configs' / 'default.yaml'}', '--data.data_dir', '{demo_dir}',"
               f" '--run', 'x', '--runs_dir', '{tmp_path}', '--wandb.mode', 'disabled',"
               " '--trainer.precision', 'bf16-mixed'], run=False)\n"
               "cli.model.trainer = cli.trainer\n"
