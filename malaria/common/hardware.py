@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_backward_flop
 
 # CPU flags (Linux /proc/cpuinfo names) of native bf16 arithmetic: AVX512-BF16 (Intel Cooper Lake
 # and later, AMD Zen 4 and later) and AMX. Without them PyTorch emulates bf16, slower than fp32.
@@ -58,11 +58,26 @@ def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -
     return 2 * size**3 / best / 1e9
 
 
+def _grouped_conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation,
+                                transposed, output_padding, groups, output_mask, out_shape, **kwargs) -> int:
+    """torch's count of a convolution's backward, with the weight gradient of a grouped convolution
+    divided by its groups: torch 2.14 counts it once per group, 14x too much for EfficientNet's
+    depthwise convolutions (fixed upstream by pytorch/pytorch#183405)."""
+    args = (grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed, output_padding,
+            groups)
+    flops = conv_backward_flop(*args, output_mask, out_val=out_shape, **kwargs)
+    if not output_mask[1] or groups == 1:
+        return flops
+    weight = conv_backward_flop(*args, [False, True, False], out_val=out_shape, **kwargs)
+    return flops - weight + weight // groups
+
+
 def training_gflop_per_image(net: torch.nn.Module, image_size: int, batch: int = 4) -> float:
     """GFLOP of one training step per image (forward and backward), as `torch.utils.flop_counter`
     counts them: convolutions and matmuls, the work the hardware's peak is quoted for."""
     net = copy.deepcopy(net).train()
     images = torch.randn(batch, 3, image_size, image_size, device=next(net.parameters()).device)
-    with FlopCounterMode(display=False) as counter:
+    fixes = {torch.ops.aten.convolution_backward: _grouped_conv_backward_flop}
+    with FlopCounterMode(display=False, custom_mapping=fixes) as counter:
         net(images).float().sum().backward()
     return counter.get_total_flops() / batch / 1e9

@@ -46,5 +46,17 @@ def test_a_training_step_of_the_default_network_costs_about_one_gflop_an_image_a
     assert hardware.training_gflop_per_image(net, 32) == pytest.approx(at_64 / 4, rel=0.02)
 
 
+def test_a_depthwise_convolution_counts_its_weight_gradient_once() -> None:
+    """Pointwise then depthwise, 8 channels: each backward product costs what its forward did, and the
+    first layer (whose input needs no gradient) has only its weight's. torch 2.14 alone counts the
+    depthwise weight gradient 8 times over."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1, bias=False),
+                              torch.nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False))
+    pixels = 16 * 16
+    pointwise, depthwise = 2 * pixels * 8 * 3, 2 * pixels * 8 * 9
+    expected = 2 * pointwise + 3 * depthwise
+    assert hardware.training_gflop_per_image(net, 16) * 1e9 == pytest.approx(expected)
+
+
 def test_the_matmul_peak_is_a_rate() -> None:
     assert 0 < hardware.matmul_peak_gflops(torch.float32, size=256, repeats=2) < 1e6
