@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, conv_backward_flop
@@ -58,11 +59,13 @@ def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -
     return 2 * size**3 / best / 1e9
 
 
-def _grouped_conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation,
-                                transposed, output_padding, groups, output_mask, out_shape, **kwargs) -> int:
+def _grouped_conv_backward_flop(grad_out_shape: list[int], x_shape: list[int], w_shape: list[int],
+                                bias: Any, stride: Any, padding: Any, dilation: Any, transposed: bool,
+                                output_padding: Any, groups: int, output_mask: list[bool], out_shape: Any,
+                                **kwargs: Any) -> int:
     """torch's count of a convolution's backward, with the weight gradient of a grouped convolution
-    divided by its groups: torch 2.14 counts it once per group, 14x too much for EfficientNet's
-    depthwise convolutions (fixed upstream by pytorch/pytorch#183405)."""
+    divided by its groups: torch 2.14 counts it once per group, which put EfficientNet's training
+    step at 14x its cost (fixed upstream by pytorch/pytorch#183405)."""
     args = (grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed, output_padding,
             groups)
     flops = conv_backward_flop(*args, output_mask, out_val=out_shape, **kwargs)

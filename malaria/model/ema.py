@@ -25,7 +25,8 @@ def warmup_decay(updates: int, decay: float, power: float) -> float:
 
 def warmup_ema(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor, *, decay: float,
                 power: float) -> None:
-    """`AveragedModel`'s multi_avg_fn: torch's own EMA update, at this update's decay."""
+    """`AveragedModel`'s multi_avg_fn: torch's own EMA update, at this update's decay (reading the
+    count from the device once for each dtype's group of tensors, a step)."""
     get_ema_multi_avg_fn(warmup_decay(int(num_averaged), decay, power))(averaged, current, num_averaged)
 
 
