@@ -17,6 +17,8 @@ from lightning.pytorch.callbacks import WeightAveraging
 from torch import Tensor
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
+from malaria.common.flags import OpenUnitInterval, PositiveFloat
+
 
 def warmup_decay(updates: int, decay: float, power: float) -> float:
     """The decay of update number `updates` (1 for the first average after the copy)."""
@@ -34,7 +36,8 @@ class WarmupEMA(WeightAveraging):
     """Exponential moving average of the weights (and BatchNorm buffers), validated and checkpointed
     in place of the trained weights, with timm's warm-up of the decay (power 2/3 is timm's default)."""
 
-    def __init__(self, decay: float = 0.999, power: float = 2 / 3, use_buffers: bool = True) -> None:
+    def __init__(self, decay: OpenUnitInterval = 0.999, power: PositiveFloat = 2 / 3,
+                 use_buffers: bool = True) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"WarmupEMA: decay must lie between 0 and 1, got {decay}")
         if power <= 0.0:

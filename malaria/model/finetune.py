@@ -40,9 +40,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
+from malaria.common.flags import NonNegativeInt, PositiveFloat, PositiveInt
+
 log = logging.getLogger(__name__)
 
-GroupCount = int | Literal["all"]
+GroupCount = PositiveInt | Literal["all"]
 
 
 class LayerGroup(NamedTuple):
@@ -185,8 +187,8 @@ class FineTune(FeatureExtraction):
         coarse: groups are stages (True) or blocks (False), as timm's `group_matcher` defines them.
     """
 
-    def __init__(self, unfreeze: dict[int, GroupCount], lr_fraction: float = 0.1, lr_decay: float = 1.0,
-                 train_bn: bool = False, coarse: bool = True) -> None:
+    def __init__(self, unfreeze: dict[NonNegativeInt, GroupCount], lr_fraction: PositiveFloat = 0.1,
+                 lr_decay: PositiveFloat = 1.0, train_bn: bool = False, coarse: bool = True) -> None:
         super().__init__()
         for epoch, count in unfreeze.items():
             if epoch < 0 or not (count == "all" or (isinstance(count, int) and count >= 1)):

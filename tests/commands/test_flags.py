@@ -15,6 +15,8 @@ from runner import REPO, Result, run_commands
 
 CONFIG = str(REPO / "configs" / "default.yaml")
 FEATURES = str(REPO / "configs" / "resnet18_features.yaml")
+GPU = str(REPO / "configs" / "gpu.yaml")
+STAGED = str(REPO / "configs" / "lite0_staged.yaml")
 
 # (make verb and variables, what the error names)
 BAD_FLAGS: list[tuple[list[str], list[str]]] = [
@@ -37,6 +39,9 @@ BAD_FLAGS: list[tuple[list[str], list[str]]] = [
     (["train", "ARGS=--wandb.mode sometimes"], ["wandb.mode", "sometimes"]),
     (["train", "ARGS=--infrastructure.last_checkpoint_every_n_train_steps -1"],
      ["infrastructure.last_checkpoint_every_n_train_steps", "-1"]),
+    (["train", f"CONFIG={GPU}", "ARGS=--trainer.callbacks.decay 1.5"], ["WarmupEMA", "decay", "1.5"]),
+    (["train", f"CONFIG={STAGED}", "ARGS=--trainer.callbacks.lr_fraction 0"], ["FineTune", "lr_fraction", "0"]),
+    (["train", f"CONFIG={STAGED}", "ARGS=--trainer.callbacks.unfreeze {1: 0}"], ["FineTune", "unfreeze"]),
     (["features", f"CONFIG={FEATURES}", "EPOCHS=0"], ["--trainer.max_epochs 0"]),
     (["features", f"CONFIG={FEATURES}", "ARGS=--data.batch_size 0"], ["data.batch_size", "0"]),
     (["lr-find", "ARGS=--model.lr -1"], ["model.lr", "-1"]),
