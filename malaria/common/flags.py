@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from jsonargparse.typing import (
+    ClosedUnitInterval,
     NonNegativeFloat,
     NonNegativeInt,
     OpenUnitInterval,
@@ -21,12 +22,14 @@ from jsonargparse.typing import (
     restricted_number_type,
 )
 
-__all__ = ["Fraction", "FoldCount", "NonNegativeFloat", "NonNegativeInt", "OpenUnitInterval", "PositiveFloat",
-           "PositiveInt", "argument"]
+__all__ = ["ClosedUnitInterval", "Fraction", "FoldCount", "HalfTurn", "NonNegativeFloat", "NonNegativeInt",
+           "OpenUnitInterval", "PositiveFloat", "PositiveInt", "argument"]
 
 Fraction = restricted_number_type("Fraction", float, [(">=", 0), ("<", 1)],
                                   docstring="A fraction in [0, 1): 0 is none, 1 would leave nothing else.")
 FoldCount = restricted_number_type("FoldCount", int, (">=", 2), docstring="At least 2 folds.")
+HalfTurn = restricted_number_type("HalfTurn", float, [(">=", 0), ("<=", 180)],
+                                  docstring="An angle in degrees, either way: 180 covers every rotation.")
 
 Number = TypeVar("Number", int, float)
 

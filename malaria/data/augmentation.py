@@ -13,8 +13,9 @@ import albumentations as A
 import cv2
 import kornia.augmentation as K
 import torch
-from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat
 from torch import nn
+
+from malaria.common.flags import ClosedUnitInterval, Fraction, HalfTurn, NonNegativeFloat
 
 
 @dataclass
@@ -26,10 +27,10 @@ class Augment:
 
     hflip: ClosedUnitInterval = 0.5
     vflip: ClosedUnitInterval = 0.5
-    rotate: NonNegativeFloat = 180.0  # degrees, either way
-    shift: NonNegativeFloat = 0.05  # fraction of the side
+    rotate: HalfTurn = 180.0  # degrees, either way
+    shift: ClosedUnitInterval = 0.05  # fraction of the side
     shear: NonNegativeFloat = 10.0  # degrees
-    zoom: NonNegativeFloat = 0.1  # scale in [1 - zoom, 1 + zoom]
+    zoom: Fraction = 0.1  # scale in [1 - zoom, 1 + zoom]
     affine_p: ClosedUnitInterval = 0.75
     brightness: NonNegativeFloat = 0.15
     contrast: NonNegativeFloat = 0.15

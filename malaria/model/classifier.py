@@ -9,11 +9,12 @@ import lightning as L
 import timm
 import torch
 from timm.data import Mixup
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, get_optimizer_info
 from torch import nn
 from torchmetrics import MaxMetric
 
 from malaria.data.datamodule import Batch
+from malaria.common.errors import ConfigError
 from malaria.common.flags import Fraction, NonNegativeFloat, PositiveFloat
 from malaria.model.metrics import binary_metrics
 from malaria.model.networks import create_model
@@ -30,6 +31,16 @@ def warmup_cosine(warmup_steps: int, total_steps: int, floor: float = 0.01):
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def check_optimizer(name: str) -> None:
+    """Refuse a name timm's optimizer factory would refuse, before the run starts rather than at its
+    first step. timm reads `lookahead_<name>` as Lookahead over <name>."""
+    try:
+        get_optimizer_info(name.lower().split("_")[-1])
+    except ValueError:
+        raise ConfigError(f"--model.optimizer {name!r}: not an optimizer timm knows "
+                          "(timm.optim.list_optimizers(), optionally prefixed lookahead_).") from None
 
 
 class MalariaClassifier(L.LightningModule):
@@ -62,6 +73,7 @@ class MalariaClassifier(L.LightningModule):
         augment: Augment | None = None,
     ) -> None:
         super().__init__()
+        check_optimizer(optimizer)
         self.save_hyperparameters()
         self.net = create_model(model, pretrained=pretrained, pretrained_file=pretrained_file,
                                 **(model_kwargs or {}))

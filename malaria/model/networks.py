@@ -43,6 +43,9 @@ class MalariaCNN(nn.Module):
     def __init__(self, num_classes: int = 1, widths: Sequence[int] = (32, 64, 128, 128),
                  convs_per_stage: int = 1, drop_rate: float = 0.2, in_chans: int = 3) -> None:
         super().__init__()
+        if not widths or min(widths) < 1 or convs_per_stage < 1:
+            raise ConfigError(f"malaria_cnn: widths {list(widths)} and convs_per_stage {convs_per_stage} "
+                              "must be positive (model.model_kwargs).")
         channels = [in_chans, *widths]
         self.stages = nn.Sequential(*(_stage(a, b, convs_per_stage) for a, b in zip(channels, channels[1:])))
         self.num_features = widths[-1]

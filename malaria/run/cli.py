@@ -29,6 +29,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.trainer import Trainer
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from malaria.common import errors, quiet  # noqa: F401 (quiet: silences Lightning's noise on import)
@@ -192,7 +193,11 @@ class MalariaCLI(LightningCLI):
         # with --trainer.enable_progress_bar false (Lightning refuses the combination).
         if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(RichProgressBar())
-        return super().instantiate_trainer(logger=loggers, callbacks=callbacks, plugins=plugins or None, **kwargs)
+        try:
+            return super().instantiate_trainer(logger=loggers, callbacks=callbacks, plugins=plugins or None,
+                                               **kwargs)
+        except MisconfigurationException as err:  # the trainer flags ask what this machine cannot do
+            raise errors.ConfigError(f"--trainer: {err}") from None
 
     def before_fit(self) -> None:
         self.fit_started = time.time()
