@@ -172,7 +172,10 @@ def build(table: ImageTable, size: int, cache_dir: Path, name: str, workers: int
     if is_valid(npy_path, key, shape):
         return npy_path
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise atomic.cannot_write(cache_dir, err) from None
     _remove_abandoned(npy_path)
     tmp_path = npy_path.with_name(f".{npy_path.stem}.{os.getpid()}.tmp.npy")
     _allocate(tmp_path, npy_path, shape)

@@ -33,6 +33,20 @@ def warmup_cosine(warmup_steps: int, total_steps: int, floor: float = 0.01):
     return factor
 
 
+def mixup_for_one_logit(arguments: dict[str, Any]) -> Mixup:
+    """timm's Mixup in its multi-label form, which mixes the 0/1 labels themselves. What timm would
+    refuse only at the first training batch (no positive alpha, a negative one) is refused here."""
+    try:
+        mixup = Mixup(**arguments, label_smoothing=0.0, num_classes=1, multi_label=True)
+    except (AssertionError, TypeError) as err:
+        raise ConfigError(f"--model.mixup {arguments}: {err}") from None
+    alphas = (mixup.mixup_alpha, mixup.cutmix_alpha)
+    if min(alphas) < 0 or (max(alphas) == 0 and mixup.cutmix_minmax is None):
+        raise ConfigError(f"--model.mixup {arguments}: mixup_alpha and cutmix_alpha must not be negative, "
+                          "and one of them positive (or cutmix_minmax set).")
+    return mixup
+
+
 def check_optimizer(name: str) -> None:
     """Refuse a name timm's optimizer factory would refuse, before the run starts rather than at its
     first step. timm reads `lookahead_<name>` as Lookahead over <name>."""
@@ -84,8 +98,7 @@ class MalariaClassifier(L.LightningModule):
             augment = Augment(**augment)
         augment = augment or Augment()
         self.batch_augment = BatchAugment(augment) if augment.on_device else None
-        # One logit per image: timm's multi-label form mixes the 0/1 labels themselves.
-        self.mixup = Mixup(**mixup, label_smoothing=0.0, num_classes=1, multi_label=True) if mixup else None
+        self.mixup = mixup_for_one_logit(mixup) if mixup else None
         self.criterion = nn.BCEWithLogitsLoss()
         self.train_metrics = binary_metrics().clone(prefix="train/")
         self.val_metrics = binary_metrics().clone(prefix="val/")

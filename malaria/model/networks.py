@@ -43,9 +43,9 @@ class MalariaCNN(nn.Module):
     def __init__(self, num_classes: int = 1, widths: Sequence[int] = (32, 64, 128, 128),
                  convs_per_stage: int = 1, drop_rate: float = 0.2, in_chans: int = 3) -> None:
         super().__init__()
-        if not widths or min(widths) < 1 or convs_per_stage < 1:
+        if not widths or min(widths) < 1 or convs_per_stage < 1 or not 0 <= drop_rate < 1:
             raise ConfigError(f"malaria_cnn: widths {list(widths)} and convs_per_stage {convs_per_stage} "
-                              "must be positive (model.model_kwargs).")
+                              f"must be positive, drop_rate {drop_rate} in [0, 1) (model.model_kwargs).")
         channels = [in_chans, *widths]
         self.stages = nn.Sequential(*(_stage(a, b, convs_per_stage) for a, b in zip(channels, channels[1:])))
         self.num_features = widths[-1]
@@ -110,6 +110,8 @@ def create_model(name: str, pretrained: bool = False, pretrained_file: str | Non
         if "Unknown model" in str(err):
             raise ConfigError(f"Unknown model {name!r}: use malaria_cnn or a name from timm.list_models().") from None
         raise
+    except TypeError as err:  # an argument this network does not take
+        raise ConfigError(f"model_kwargs {kwargs} for {name!r}: {err}") from None
     except OSError as err:  # the hub is unreachable or has no weights for this name
         raise MissingError(
             f"Cannot fetch pretrained weights for {name!r} ({err}). Without internet, download the weights "

@@ -141,6 +141,14 @@ class MalariaCLI(LightningCLI):
         # One augmentation config: the datamodule runs its per-image part, the model its batch part.
         parser.link_arguments("data.augment", "model.augment")
 
+    def parse_arguments(self, parser, args) -> None:
+        """Lightning seeds before any other hook runs, and numpy refuses seeds outside 32 bits."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")  # self.subcommand is set after this hook
+        seed = (self.config[subcommand] if subcommand else self.config).get("seed_everything")
+        if not isinstance(seed, bool) and isinstance(seed, int) and not 0 <= seed < 2**32:
+            parser.error(f"--seed_everything {seed}: a seed lies in [0, 2**32) (numpy's range).")
+
     @property
     def run_config(self):
         """This subcommand's settings (the whole config when built with run=False)."""
@@ -151,6 +159,9 @@ class MalariaCLI(LightningCLI):
         epochs = config.trainer.max_epochs
         if epochs is not None and epochs < 1 and epochs != -1:  # -1: Lightning's "until max_steps"
             raise errors.ConfigError(f"--trainer.max_epochs {epochs}: a run trains at least one epoch.")
+        if (accumulate := config.trainer.accumulate_grad_batches) < 1:
+            raise errors.ConfigError(f"--trainer.accumulate_grad_batches {accumulate}: a step takes at least "
+                                     "one batch.")
         if config.entry_point not in (None, self.ENTRY_POINT):
             recipe = ", ".join(str(c) for c in config.get("config") or []) or "This recipe"
             raise errors.ConfigError(f"{recipe} runs under `python -m malaria.commands.{config.entry_point}` "
@@ -196,7 +207,7 @@ class MalariaCLI(LightningCLI):
         try:
             return super().instantiate_trainer(logger=loggers, callbacks=callbacks, plugins=plugins or None,
                                                **kwargs)
-        except MisconfigurationException as err:  # the trainer flags ask what this machine cannot do
+        except (MisconfigurationException, ValueError) as err:  # flags Lightning or this machine refuse
             raise errors.ConfigError(f"--trainer: {err}") from None
 
     def before_fit(self) -> None:
