@@ -186,6 +186,9 @@ def source_dir(data_dir: Path, demo: bool = True) -> Path:
     `demo` on, its generated demo folder (data_dir/demo)."""
     if has_competition(data_dir) or not demo:
         return data_dir
+    if not data_dir.is_dir():  # a mistyped DATA_DIR, never a reason to fall back to demo data
+        raise DataError(f"{data_dir} does not exist: check DATA_DIR. Demo data is made in an existing folder "
+                        "that holds no competition files, such as the project's data/.")
     refuse_partial(data_dir)
     return data_dir / DEMO_SUBDIR
 

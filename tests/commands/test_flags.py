@@ -22,6 +22,7 @@ STAGED = str(REPO / "configs" / "lite0_staged.yaml")
 BAD_FLAGS: list[tuple[list[str], list[str]]] = [
     (["train", "EPOCHS=0"], ["--trainer.max_epochs 0"]),
     (["train", "EPOCHS=-3"], ["--trainer.max_epochs -3"]),
+    (["train", "DATA_DIR=nope"], ["nope does not exist"]),  # a typo, never a reason for demo data
     (["train", "ARGS=--model.lr -1"], ["model.lr", "-1"]),
     (["train", "ARGS=--model.lr 0"], ["model.lr", "0"]),
     (["train", "ARGS=--model.weight_decay -0.1"], ["model.weight_decay", "-0.1"]),
