@@ -25,6 +25,7 @@ When the sweep stops, or with `--trials 0` (report only): the ranked table of tr
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import socket
@@ -67,6 +68,19 @@ COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # the trials that are result
 # Set for every trial: one device (parallelism comes from workers, and a DDP launch would rerun
 # this whole sweep in each rank), and no report. Training overrides come after, so they win.
 TRIAL_DEFAULTS = ["--trainer.devices", "1", "--infrastructure.report", "false"]
+
+
+class QuietStops(logging.Filter):
+    """Optuna logs a failed trial's traceback before it re-raises the error. For a stop (SIGTERM,
+    Ctrl-C) or a user error the verb then says what happened in one line, so the traceback is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = record.exc_info[0] if record.exc_info else None
+        return not (kind and issubclass(kind, (KeyboardInterrupt, errors.UserError)))
+
+
+# Optuna's trial loop logs under its module's name; a filter on that logger sees its records.
+logging.getLogger("optuna.study._optimize").addFilter(QuietStops())
 
 
 class NoHoldoutScore(RuntimeError):

@@ -175,6 +175,7 @@ def test_a_stopped_sweep_continues_where_it_stopped(demo_dir: Path, tmp_path: Pa
     assert stopped is not None, err.read_text()[-3000:]
     if stop == signal.SIGINT:  # the worker reports and says how to go on
         assert worker.returncode == 130 and "rerun the same command to continue" in out.read_text()
+        assert "Traceback" not in err.read_text(), err.read_text()[-3000:]
     else:
         time.sleep(3.5)  # past the dead trial's grace period: three missed heartbeats
     finished = load(tmp_path, "k").trials[0]
