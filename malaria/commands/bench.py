@@ -15,7 +15,10 @@ Each stage times a fixed number of batches after a warm-up, cycling through the 
 run takes minutes whatever the data size. Without competition files it runs on the demo data.
 The training stage's achieved GFLOP/s (torch.utils.flop_counter's count of a training step times
 its images/s) is set against the machine's own peak, measured here by fp32 and bf16 matmuls, so a
-recipe shows how close to the hardware it runs. Options after the bench's own are recipe overrides, as for `malaria.commands.train`. One JSON object per line
+recipe shows how close to the hardware it runs. `--profile` then trains the same steps once more
+under torch's profiler and says where a step's time goes, part by part (convolutions,
+normalisation, activations, pooling, optimizer, augmentation, data, the rest; malaria.run.step_profile),
+and at how many GFLOP/s the convolutions themselves run. Options after the bench's own are recipe overrides, as for `malaria.commands.train`. One JSON object per line
 goes to stdout; a table and the logs go to stderr.
 """
 
@@ -49,6 +52,7 @@ from torch.utils.data import DataLoader
 
 from malaria.data import cache
 from malaria.common import errors
+from malaria.run import step_profile
 from malaria.run.cli import build
 from malaria.common.flags import PositiveInt, argument
 from malaria.data.archive import ImageTable
@@ -197,10 +201,10 @@ def time_data(batches: Iterable, model: MalariaClassifier, warmup: int, count: i
     return Result("data", pipeline, images, time.perf_counter() - start)
 
 
-def _trainer(stopwatch: Stopwatch, steps: int, precision: str) -> L.Trainer:
+def _trainer(stopwatch: Stopwatch, steps: int, precision: str, **overrides: Any) -> L.Trainer:
     return bare_trainer(max_steps=steps, max_epochs=10_000, limit_val_batches=0, limit_predict_batches=steps,
                         num_sanity_val_steps=0, callbacks=[stopwatch], default_root_dir=tempfile.gettempdir(),
-                        precision=precision)
+                        precision=precision, **overrides)
 
 
 def time_train(model: MalariaClassifier, warmup: int, count: int, pipeline: str, precision: str,
@@ -209,6 +213,14 @@ def time_train(model: MalariaClassifier, warmup: int, count: int, pipeline: str,
     stopwatch = Stopwatch(warmup)
     _trainer(stopwatch, warmup + count, precision).fit(model, **fit_kwargs)
     return Result("train", pipeline, stopwatch.images, stopwatch.seconds)
+
+
+def profile_train(model: MalariaClassifier, datamodule: MalariaDataModule, warmup: int, count: int,
+                  precision: str) -> step_profile.StepProfile:
+    """The project's training steps once more, under the profiler: where a step's time goes."""
+    profiler = step_profile.profiler(count, warmup)
+    _trainer(Stopwatch(warmup), warmup + count, precision, profiler=profiler).fit(model, datamodule=datamodule)
+    return step_profile.parts(profiler.function_events)
 
 
 def time_predict(model: MalariaClassifier, batches: DataLoader, warmup: int, count: int, pipeline: str,
@@ -255,16 +267,24 @@ def ratios(results: Sequence[Result]) -> dict[str, float]:
             for stage in STAGES[1:] if (stage, "project") in speed and (stage, "naive") in speed}
 
 
-def compute(model: MalariaClassifier, image_size: int, results: Sequence[Result], precision: str) -> dict[str, Any]:
-    """The project's training GFLOP/s against the machine's measured matmul peaks."""
+def compute(model: MalariaClassifier, image_size: int, batch_size: int, results: Sequence[Result], precision: str,
+            profile: step_profile.StepProfile | None = None) -> dict[str, Any]:
+    """The project's training GFLOP/s against the machine's measured matmul peaks; with a profile,
+    the convolutions' own GFLOP/s too (nearly all of a CNN's FLOPs, in their share of the step)."""
     train = next(r for r in results if (r.stage, r.pipeline) == ("train", "project"))
     gflop = training_gflop_per_image(model.net, image_size)
     peaks = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
     achieved = gflop * train.images_per_s
     in_use = "bf16" if precision.startswith("bf16") else "fp32"  # 16-mixed: fp16, quoted against bf16's peak
-    return {"kind": "compute", "train_gflop_per_image": float(f"{gflop:.4g}"), "train_gflops": float(f"{achieved:.4g}"),
-            "peak_gflops_fp32": round(peaks["fp32"], 1), "peak_gflops_bf16": round(peaks["bf16"], 1),
-            "peak_in_use": in_use, "fraction_of_peak": float(f"{achieved / peaks[in_use]:.3g}")}
+    record = {"kind": "compute", "train_gflop_per_image": float(f"{gflop:.4g}"),
+              "train_gflops": float(f"{achieved:.4g}"), "peak_gflops_fp32": round(peaks["fp32"], 1),
+              "peak_gflops_bf16": round(peaks["bf16"], 1), "peak_in_use": in_use,
+              "fraction_of_peak": float(f"{achieved / peaks[in_use]:.3g}")}
+    if profile is not None and profile.ms_per_step["convolution"] > 0:
+        convolution = gflop * batch_size / (profile.ms_per_step["convolution"] / 1000)
+        record |= {"convolution_gflops": float(f"{convolution:.4g}"),
+                   "convolution_fraction_of_peak": float(f"{convolution / peaks[in_use]:.3g}")}
+    return record
 
 
 def peak_rss_mib() -> dict[str, float]:
@@ -272,6 +292,19 @@ def peak_rss_mib() -> dict[str, float]:
     to_mib = 1 / 1024  # Linux reports KiB
     return {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * to_mib, 1),
             "peak_rss_children_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * to_mib, 1)}
+
+
+def profile_table(profile: step_profile.StepProfile, flops: dict[str, Any]) -> Table:
+    out = Table(title=f"Where a training step's time goes ({profile.steps} steps under torch's profiler, "
+                      f"{profile.total:,.0f} ms a step)")
+    for column in ("part", "ms a step", "share"):
+        out.add_column(column, justify="left" if column == "part" else "right")
+    for part, ms in profile.ms_per_step.items():
+        out.add_row(part, f"{ms:,.1f}", f"{ms / profile.total:.0%}")
+    if "convolution_gflops" in flops:
+        out.caption = (f"the convolutions run at {flops['convolution_gflops']:,.0f} GFLOP/s = "
+                       f"{flops['convolution_fraction_of_peak']:.0%} of the {flops['peak_in_use']} matmul peak")
+    return out
 
 
 def table(setup: dict[str, Any], results: Sequence[Result], ratio: dict[str, float], flops: dict[str, Any],
@@ -304,6 +337,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="timed batches of the data stage, which is cheap enough to time longer")
     parser.add_argument("--warmup", type=argument(PositiveInt), default=2, help="untimed batches before each timing")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network (warm-up compiles)")
+    parser.add_argument("--profile", action="store_true",
+                        help="then profile the project's training steps: where a step's time goes, by part")
     parser.add_argument("--precision", choices=("32-true", "bf16-mixed", "16-mixed"), default=None,
                         help="the Trainer's precision (default: what the hardware has, as in training)")
     return parser
@@ -341,15 +376,22 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                           args.data_batches):
             results.append(result)
             emit(result.record())
+        profile = None
+        if args.profile:
+            profile = profile_train(copy.deepcopy(model), datamodule, args.warmup, args.batches, setup["precision"])
+            emit(profile.record())
     ratio = ratios(results)
     for stage, value in ratio.items():
         emit({"kind": "ratio", "stage": stage, "project_over_naive": value})
-    flops = compute(model, setup["image_size"], results, setup["precision"])
+    flops = compute(model, setup["image_size"], setup["batch_size"], results, setup["precision"], profile)
     emit(flops)
     memory = {"kind": "memory", **peak_rss_mib(), "load_avg_start": [round(x, 2) for x in load_start],
               "load_avg_end": [round(x, 2) for x in os.getloadavg()]}
     emit(memory)
-    Console(stderr=True).print(table(setup, results, ratio, flops, memory))
+    console = Console(stderr=True)
+    console.print(table(setup, results, ratio, flops, memory))
+    if profile is not None:
+        console.print(profile_table(profile, flops))
     return records
 
 
