@@ -15,15 +15,18 @@ import kornia.augmentation as K
 import torch
 from torch import nn
 
+from malaria.common.errors import ConfigError
 from malaria.common.flags import ClosedUnitInterval, Fraction, HalfTurn, NonNegativeFloat
+from malaria.data import colour
 
 
 @dataclass
 class Augment:
     """Probabilities and ranges of each training augmentation; 0 turns one off.
 
-    Cells have no orientation, so full rotations and both flips are safe; colour jitter stands in
-    for the variation of Giemsa staining between slides."""
+    Cells have no orientation, so full rotations and both flips are safe; colour jitter, stain
+    jitter and RandStainNA stand in for the variation of Giemsa staining between slides (the last
+    two on the device only, malaria.data.colour)."""
 
     hflip: ClosedUnitInterval = 0.5
     vflip: ClosedUnitInterval = 0.5
@@ -40,6 +43,14 @@ class Augment:
     elastic_p: ClosedUnitInterval = 0.0
     elastic_alpha: NonNegativeFloat = 30.0
     elastic_sigma: NonNegativeFloat = 5.0
+    # Stain jitter (Tellez et al. 2019): methyl blue and eosin each times U(1 - scale, 1 + scale),
+    # plus U(-shift, shift) in optical density, for stain_p of the images.
+    stain_p: ClosedUnitInterval = 0.0
+    stain_scale: Fraction = 0.2
+    stain_shift: NonNegativeFloat = 0.05
+    # RandStainNA (Shen et al. 2022): for randstain_p of the images, the cell's LAB moments moved to
+    # ones drawn from the training slides' (a normal per moment, fitted over the slides).
+    randstain_p: ClosedUnitInterval = 0.0
     # Flips, affine and colour jitter on the batch after transfer (BatchAugment), the elastic
     # deformation alone in the workers: 5.9x the images/s of the per-image path on a 2-core CPU
     # (make bench), and a GPU is never held back by CPU augmentation. false: all in the workers.
@@ -48,6 +59,9 @@ class Augment:
 
 def train_transform(aug: Augment) -> A.Compose | None:
     """The albumentations pipeline the DataLoader workers run on training images, if any."""
+    if not aug.on_device and (aug.stain_p or aug.randstain_p):
+        raise ConfigError("data.augment.stain_p and randstain_p run on the device only: keep "
+                          "data.augment.on_device true.")
     steps = [] if aug.on_device else per_image_steps(aug)
     if aug.elastic_p > 0:
         steps.append(A.ElasticTransform(
@@ -106,10 +120,46 @@ class BatchAugment(nn.Module):
                            padding_mode="zeros", p=aug.affine_p),
         )
         self.aug = aug
+        # RandStainNA's targets: mean and spread over the training slides of each LAB moment
+        # (2, 6), set from the data before training (MalariaClassifier.on_fit_start).
+        self.slide_moments: torch.Tensor | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         images = self.geometry(images.float())
+        if self.aug.stain_p:
+            images = self.jitter_stains(images)
+        if self.aug.randstain_p:
+            images = self.randstain(images)
         return self.jitter_colour(images).clamp_(0, 255)
+
+    def _chosen(self, images: torch.Tensor, p: float) -> torch.Tensor:
+        return torch.rand(len(images), device=images.device) < p
+
+    def jitter_stains(self, images: torch.Tensor) -> torch.Tensor:
+        """Each stain's amount scaled and shifted at random, for `stain_p` of the images."""
+        n, device, aug = len(images), images.device, self.aug
+        chosen = self._chosen(images, aug.stain_p)[:, None]
+        scale = 1 + (torch.rand(n, 3, device=device) * 2 - 1) * aug.stain_scale
+        shift = (torch.rand(n, 3, device=device) * 2 - 1) * aug.stain_shift
+        scale[:, 2], shift[:, 2] = 1, 0  # the residual is no stain
+        scale, shift = torch.where(chosen, scale, 1.0), torch.where(chosen, shift, 0.0)
+        return colour.jitter_stains(images, scale, shift)
+
+    def randstain(self, images: torch.Tensor) -> torch.Tensor:
+        """RandStainNA: `randstain_p` of the images take the LAB moments of a random slide."""
+        if self.slide_moments is None:
+            raise RuntimeError("BatchAugment.slide_moments is unset: RandStainNA draws from the training "
+                               "slides' colours (MalariaDataModule.slide_moments()).")
+        chosen = self._chosen(images, self.aug.randstain_p)
+        if not chosen.any():
+            return images
+        moments = self.slide_moments.to(images.device)
+        picked = images[chosen]
+        target = moments[0] + moments[1] * torch.randn(len(picked), 6, device=images.device)
+        target[:, 3:] = target[:, 3:].clamp_min(1e-2)
+        out = images.clone()
+        out[chosen] = colour.reinhard(picked, colour.lab_moments(picked), target)
+        return out
 
     def jitter_colour(self, images: torch.Tensor) -> torch.Tensor:
         """Colour factors drawn as albumentations' ColorJitter draws them, for `color_p` of the images."""

@@ -19,6 +19,7 @@ import os
 import warnings
 import zipfile
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -196,4 +197,32 @@ def build(table: ImageTable, size: int, cache_dir: Path, name: str, workers: int
         tmp_path.unlink(missing_ok=True)
     meta_path = _metadata_path(npy_path)
     atomic.write_text(meta_path, json.dumps({"key": key, "shape": shape, "zip": str(table.zip_path), "crc32": crc}))
+    return npy_path
+
+
+def derive(source: Path, tag: str, transform: Callable[[np.ndarray, slice], np.ndarray], chunk: int = 4096) -> Path:
+    """A cache made from another by `transform(images, rows)` chunk by chunk (per-slide colour
+    standardisation, say), next to it as `<source>-<tag>.npy`; built once, atomically and
+    checksummed as a decoded cache is. `tag` names the transform and everything it depends on."""
+    pixels = np.load(source, mmap_mode="r")
+    npy_path = source.with_name(f"{source.stem}-{tag}.npy")
+    key = f"{json.loads(_metadata_path(source).read_text())['key']}-{tag}"
+    if is_valid(npy_path, key, pixels.shape):
+        return npy_path
+    _remove_abandoned(npy_path)
+    tmp_path = npy_path.with_name(f".{npy_path.stem}.{os.getpid()}.tmp.npy")
+    _allocate(tmp_path, npy_path, pixels.shape)
+    try:
+        out = np.load(tmp_path, mmap_mode="r+")
+        for start in range(0, len(pixels), chunk):
+            rows = slice(start, start + chunk)
+            out[rows] = transform(pixels[rows], rows)
+        out.flush()
+        del out
+        crc = checksum(tmp_path)
+        os.replace(tmp_path, npy_path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+    atomic.write_text(_metadata_path(npy_path), json.dumps({"key": key, "shape": pixels.shape, "source": str(source),
+                                                            "crc32": crc}))
     return npy_path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -20,9 +21,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from malaria.data import archive
-from malaria.data import cache
-from malaria.data import splits
+from malaria.data import archive, cache, colour, splits
 from malaria.common.errors import ConfigError
 from malaria.common.flags import Fraction, NonNegativeInt, PositiveInt
 from malaria.data.sampling import ResumableLoader, ResumableSampler
@@ -127,7 +126,13 @@ class MalariaDataModule(L.LightningDataModule):
     """Reads train_data.zip + train_labels.csv and test_data.zip from `data_dir`.
 
     With no competition files there and `demo` on, it generates a small synthetic competition in
-    `data_dir/demo` so a fresh clone trains end to end, and says so loudly."""
+    `data_dir/demo` so a fresh clone trains end to end, and says so loudly.
+
+    `stain_norm: slide` moves every cell by its slide's LAB moments to the typical slide's
+    (Reinhard per slide, malaria.data.colour), in training, validation and prediction alike, once,
+    into a cache of its own. A slide's moments come from all of its images that the competition
+    hands out, training and test: colours need no labels, so a new patient's slide is
+    standardised by its own test cells."""
 
     def __init__(
         self,
@@ -143,6 +148,7 @@ class MalariaDataModule(L.LightningDataModule):
         batch_size: PositiveInt = 128,
         num_workers: NonNegativeInt | None = None,
         augment: Augment | None = None,
+        stain_norm: Literal["none", "slide"] = "none",
         cache_dir: str | None = None,
         demo: bool = True,
     ) -> None:
@@ -159,6 +165,9 @@ class MalariaDataModule(L.LightningDataModule):
         self.test_table: archive.ImageTable | None = None
         self.train_rows = self.val_rows = np.empty(0, dtype=np.int64)
         self.pseudo: tuple[np.ndarray, np.ndarray] | None = None  # test rows, and labels of every test row
+        self._tables: dict[str, archive.ImageTable] = {}
+        self._decoded: dict[str, Path] = {}
+        self._slide_colours: pd.DataFrame | None = None
 
     @property
     def source_dir(self) -> Path:
@@ -195,10 +204,57 @@ class MalariaDataModule(L.LightningDataModule):
             raise archive.DataError(
                 f"{self.data_dir} holds no train_data.zip + train_labels.csv; run `make data` or set data.demo: true."
             )
-        loaders = {"train": archive.load_train, "test": archive.load_test}
-        tables = {split: loaders[split](self.source_dir) for split in needed}
-        for split, table in tables.items():
-            cache.build(table, self.hparams.image_size, self.cache_dir, split)
+        if self.hparams.stain_norm == "slide":  # a slide's moments need every image of it
+            needed = self._splits_present()
+        tables = {split: self._table(split) for split in needed}  # every table checked first
+        for split in tables:
+            self._readable_cache(split)
+
+    def _splits_present(self) -> list[Literal["train", "test"]]:
+        return ["train", "test"] if (self.source_dir / archive.TEST_ZIP).exists() else ["train"]
+
+    def _table(self, split: Literal["train", "test"]) -> archive.ImageTable:
+        """The checked table of `split`, read once."""
+        if split not in self._tables:
+            load = archive.load_train if split == "train" else archive.load_test
+            self._tables[split] = load(self.source_dir)
+        return self._tables[split]
+
+    def _decoded_cache(self, split: Literal["train", "test"]) -> Path:
+        if split not in self._decoded:
+            self._decoded[split] = cache.build(self._table(split), self.hparams.image_size, self.cache_dir, split)
+        return self._decoded[split]
+
+    def _readable_cache(self, split: Literal["train", "test"]) -> Path:
+        """The cache the model reads: the decoded images, standardised by slide with `stain_norm: slide`."""
+        decoded = self._decoded_cache(split)
+        if self.hparams.stain_norm != "slide":
+            return decoded
+        slides = self.slide_colours()
+        target = colour.reference(slides)
+        ids = self._table(split).ids
+        # The moments follow from the decoded caches, so their names name the transform too.
+        sources = "|".join(self._decoded_cache(s).name for s in self._splits_present())
+        tag = f"slidenorm{hashlib.sha256(sources.encode()).hexdigest()[:8]}"
+        return cache.derive(decoded, tag, lambda images, rows: colour.standardise(images, ids[rows], slides, target))
+
+    def slide_colours(self) -> pd.DataFrame:
+        """Each slide's colour (malaria.data.colour.slide_colours) over all its training and test
+        images as decoded; computed once."""
+        if self._slide_colours is None:
+            names, colours = [], []
+            for split in self._splits_present():
+                names += self._table(split).ids
+                colours.append(colour.cell_colours(np.load(self._decoded_cache(split), mmap_mode="r")))
+            self._slide_colours = colour.slide_colours(names, pd.concat(colours, ignore_index=True))
+        return self._slide_colours
+
+    def slide_moments(self) -> torch.Tensor:
+        """(2, 6): the mean and the spread, over the slides of the training cells, of each slide's LAB
+        moments: where RandStainNA draws its targets."""
+        slides = np.unique(splits.groups([self.train_table.ids[r] for r in self.train_rows]))
+        moments = self.slide_colours().loc[slides, list(colour.LAB_COLUMNS)]
+        return torch.tensor(np.stack([moments.mean(), moments.std(ddof=0)]), dtype=torch.float32)
 
     def _make_demo(self) -> None:
         from malaria.data.demo import make_demo_competition
@@ -212,10 +268,8 @@ class MalariaDataModule(L.LightningDataModule):
         make_demo_competition(self.source_dir)
 
     def setup(self, stage: str) -> None:
-        source = self.source_dir
-        size = self.hparams.image_size
         if stage in ("fit", "validate") and self.train_table is None:
-            self.train_table = archive.load_train(source)
+            self.train_table = self._table("train")
             self.train_rows, self.val_rows = splits.holdout(
                 self.train_table.labels, self.train_table.ids, self.hparams.val_fraction, self.hparams.seed,
                 self.hparams.fold, self.hparams.split,
@@ -225,14 +279,14 @@ class MalariaDataModule(L.LightningDataModule):
             if self.hparams.train_cells is not None:  # a learning curve's point; the holdout stays whole
                 self.train_rows = splits.subsample(self.train_rows, self.train_table.labels,
                                                    self.hparams.train_cells, self.hparams.seed)
-            self.train_cache = cache.build(self.train_table, size, self.cache_dir, "train")
+            self.train_cache = self._readable_cache("train")
             rank_zero_info(self.split_summary)
         if stage == "fit" and self.hparams.pseudo_labels and self.pseudo is None:
             self.setup("predict")
             self.pseudo = self._pseudo_labelled(Path(self.hparams.pseudo_labels))
         if stage in ("test", "predict") and self.test_table is None:
-            self.test_table = archive.load_test(source)
-            self.test_cache = cache.build(self.test_table, size, self.cache_dir, "test")
+            self.test_table = self._table("test")
+            self.test_cache = self._readable_cache("test")
 
     @property
     def split_summary(self) -> str:

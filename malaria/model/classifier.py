@@ -109,6 +109,10 @@ class MalariaClassifier(L.LightningModule):
         if compile_net:  # in place: checkpoints keep the plain network's parameter names
             self.net.compile()
 
+    def on_fit_start(self) -> None:
+        if self.batch_augment is not None and self.batch_augment.aug.randstain_p:
+            self.batch_augment.slide_moments = self.trainer.datamodule.slide_moments()
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits, one per image, for normalised float images; fp32 even under bf16 autocast, whose
         8-bit mantissa would round probabilities above 0.998 to 1 (infinite log-odds for the slide prior)."""
