@@ -23,7 +23,8 @@ from rich.table import Table
 from malaria.common import errors
 from malaria.run import run_dirs
 from malaria.common.flags import NonNegativeFloat, argument
-from malaria.prediction.predictor import load, predict_subset, slide_prior
+from malaria.prediction.bn_adaptation import DEFAULT_ADAPT
+from malaria.prediction.predictor import predict_members
 from malaria.model.metrics import score
 from malaria.prediction.slide_prior import DEFAULT_STRENGTH
 
@@ -34,46 +35,23 @@ Views = tuple[bool, bool]  # (TTA, slide prior)
 VIEWS: tuple[Views, ...] = ((False, False), (True, False), (False, True), (True, True))
 
 
-def holdout_probabilities(run_dir: Path, prior: float = DEFAULT_STRENGTH,
-                          ) -> tuple[list[str], np.ndarray, dict[Views, np.ndarray]]:
-    """Ids and labels of a run's own holdout, and its probabilities of parasitized with TTA off and
-    on, each without and with the slide prior of the holdout's training side (`prior` 0: without)."""
-    model, datamodule = load(run_dirs.checkpoint(run_dir))
-    if datamodule.hparams.val_fraction == 0:
-        raise errors.ConfigError(f"{run_dir} trained on every image (data.val_fraction 0): it has no holdout to score.")
-    probs = {}
-    for tta in (False, True):
-        val = predict_subset(model, datamodule, subset="val", tta=tta)
-        ids, labels, probs[tta, False] = val.ids, val.labels, val.probs
-    if prior:
-        prior_of_slides = slide_prior(datamodule, "val", prior)
-        for tta in (False, True):
-            probs[tta, True] = prior_of_slides.adjust(ids, probs[tta, False])
-    return ids, labels, probs
-
-
-def score_runs(folders: Sequence[Path], prior: float = DEFAULT_STRENGTH) -> pd.DataFrame:
+def score_runs(folders: Sequence[Path], prior: float = DEFAULT_STRENGTH, adapt: float = DEFAULT_ADAPT) -> pd.DataFrame:
     """Accuracy, F1 and AUROC of each run and of their mean probability, without and with TTA and
-    slide prior."""
-    members, first_ids = [], None
-    for run_dir in folders:
-        ids, labels, probs = holdout_probabilities(run_dir, prior)
-        if first_ids is not None and ids != first_ids:
-            raise errors.ConfigError(
-                f"{run_dir} holds out other images than {folders[0]}: their data settings (data.seed, "
-                "data.split, data.val_fraction, data.fold or the training files) differ, so no shared "
-                "holdout can score their ensemble."
-            )
-        first_ids = ids
-        members.append((run_dir.name, probs))
+    slide prior (`prior` 0: without only); slides the runs never trained on with BatchNorm adapted
+    to them when `adapt` > 0."""
+    checkpoints = [run_dirs.checkpoint(run_dir) for run_dir in folders]
     rows = []
-    for tta, with_prior in (view for view in VIEWS if view in members[0][1]):
-        scored = [(name, probs[tta, with_prior]) for name, probs in members]
-        if len(members) > 1:
-            scored.append((ENSEMBLE, np.mean([probs for _, probs in scored], axis=0)))
-        rows += [{"member": name, "tta": tta, "prior": with_prior, "images": len(labels),
-                  **score(probs, labels)} for name, probs in scored]
-    return pd.DataFrame(rows)
+    for tta in (False, True):
+        members = predict_members(checkpoints, "val", tta=tta, adapt=adapt)
+        for with_prior in (False, True) if prior else (False,):
+            strength = prior if with_prior else 0.0
+            scored = [(name, members.member(i, strength)) for i, name in enumerate(members.names)]
+            if len(scored) > 1:
+                scored.append((ENSEMBLE, members.ensemble(strength)))
+            rows += [{"member": name, "tta": tta, "prior": with_prior, "images": len(p.ids),
+                      **score(p.probs, p.labels)} for name, p in scored]
+    order = {view: i for i, view in enumerate(VIEWS)}
+    return pd.DataFrame(sorted(rows, key=lambda row: order[row["tta"], row["prior"]]))
 
 
 def render(scores: pd.DataFrame) -> Table:
@@ -93,9 +71,12 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--slide_prior", type=argument(NonNegativeFloat), default=DEFAULT_STRENGTH,
                         metavar="STRENGTH", help="pseudo-cells of the slide prior's shrinkage "
                                                  f"(default {DEFAULT_STRENGTH}; 0: no slide prior)")
+    parser.add_argument("--adapt_bn", type=argument(NonNegativeFloat), default=DEFAULT_ADAPT, metavar="IMAGES",
+                        help="BatchNorm adapted to each holdout slide the runs never trained on, the training "
+                             f"statistics weighing IMAGES images (default {DEFAULT_ADAPT}; 0: off)")
     args = parser.parse_args(argv)
     folders = args.run or [run_dirs.latest_run()]
-    scores = score_runs(folders, args.slide_prior)
+    scores = score_runs(folders, args.slide_prior, args.adapt_bn)
     Console().print(render(scores))
     return scores
 

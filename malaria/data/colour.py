@@ -88,7 +88,7 @@ def cell_colours(pixels: np.ndarray, batch: int = 1024) -> pd.DataFrame:
     """Per cell of an (N, H, W, 3) uint8 array: its LAB moments and mean stain concentrations."""
     rows = []
     for start in range(0, len(pixels), batch):
-        images = torch.from_numpy(np.ascontiguousarray(pixels[start:start + batch])).permute(0, 3, 1, 2).float()
+        images = torch.from_numpy(np.array(pixels[start:start + batch])).permute(0, 3, 1, 2).float()
         mask = cell_mask(images).float()
         stains = (to_stains(images)[:, :2] * mask).sum((2, 3)) / mask.sum((2, 3)).clamp_min(1)
         rows.append(torch.cat([lab_moments(images), stains], 1).numpy())
@@ -118,7 +118,7 @@ def standardise(pixels: np.ndarray, names: Sequence[str], slides: pd.DataFrame, 
     out = np.empty_like(pixels)
     goal = torch.tensor(target)[None]
     for start in range(0, len(pixels), batch):
-        images = torch.from_numpy(np.ascontiguousarray(pixels[start:start + batch])).permute(0, 3, 1, 2)
+        images = torch.from_numpy(np.array(pixels[start:start + batch])).permute(0, 3, 1, 2)
         moved = reinhard(images, torch.from_numpy(source[start:start + batch]), goal.expand(len(images), -1))
         out[start:start + batch] = moved.round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return out

@@ -164,6 +164,8 @@ class MalariaDataModule(L.LightningDataModule):
         self.train_table: archive.ImageTable | None = None
         self.test_table: archive.ImageTable | None = None
         self.train_rows = self.val_rows = np.empty(0, dtype=np.int64)
+        self.train_cache: Path | None = None
+        self.test_cache: Path | None = None
         self.pseudo: tuple[np.ndarray, np.ndarray] | None = None  # test rows, and labels of every test row
         self._tables: dict[str, archive.ImageTable] = {}
         self._decoded: dict[str, Path] = {}
@@ -252,8 +254,7 @@ class MalariaDataModule(L.LightningDataModule):
     def slide_moments(self) -> torch.Tensor:
         """(2, 6): the mean and the spread, over the slides of the training cells, of each slide's LAB
         moments: where RandStainNA draws its targets."""
-        slides = np.unique(splits.groups([self.train_table.ids[r] for r in self.train_rows]))
-        moments = self.slide_colours().loc[slides, list(colour.LAB_COLUMNS)]
+        moments = self.slide_colours().loc[sorted(self.training_slides()), list(colour.LAB_COLUMNS)]
         return torch.tensor(np.stack([moments.mean(), moments.std(ddof=0)]), dtype=torch.float32)
 
     def _make_demo(self) -> None:
@@ -268,25 +269,36 @@ class MalariaDataModule(L.LightningDataModule):
         make_demo_competition(self.source_dir)
 
     def setup(self, stage: str) -> None:
-        if stage in ("fit", "validate") and self.train_table is None:
-            self.train_table = self._table("train")
-            self.train_rows, self.val_rows = splits.holdout(
-                self.train_table.labels, self.train_table.ids, self.hparams.val_fraction, self.hparams.seed,
-                self.hparams.fold, self.hparams.split,
-            )
-            if self.hparams.exclude:  # suspect labels (make audit) leave training, never the holdout
-                self.train_rows = self._without(self.train_rows, Path(self.hparams.exclude))
-            if self.hparams.train_cells is not None:  # a learning curve's point; the holdout stays whole
-                self.train_rows = splits.subsample(self.train_rows, self.train_table.labels,
-                                                   self.hparams.train_cells, self.hparams.seed)
+        if stage in ("fit", "validate") and self.train_cache is None:
+            self.split()
             self.train_cache = self._readable_cache("train")
             rank_zero_info(self.split_summary)
         if stage == "fit" and self.hparams.pseudo_labels and self.pseudo is None:
             self.setup("predict")
             self.pseudo = self._pseudo_labelled(Path(self.hparams.pseudo_labels))
-        if stage in ("test", "predict") and self.test_table is None:
+        if stage in ("test", "predict") and self.test_cache is None:
             self.test_table = self._table("test")
             self.test_cache = self._readable_cache("test")
+
+    def split(self) -> None:
+        """The training table and its two sides, `train_rows` and `val_rows` (no images read)."""
+        if self.train_table is not None:
+            return
+        self.train_table = self._table("train")
+        self.train_rows, self.val_rows = splits.holdout(
+            self.train_table.labels, self.train_table.ids, self.hparams.val_fraction, self.hparams.seed,
+            self.hparams.fold, self.hparams.split,
+        )
+        if self.hparams.exclude:  # suspect labels (make audit) leave training, never the holdout
+            self.train_rows = self._without(self.train_rows, Path(self.hparams.exclude))
+        if self.hparams.train_cells is not None:  # a learning curve's point; the holdout stays whole
+            self.train_rows = splits.subsample(self.train_rows, self.train_table.labels,
+                                               self.hparams.train_cells, self.hparams.seed)
+
+    def training_slides(self) -> set[str]:
+        """The slides of the cells the model trains on, whose colours its BatchNorm statistics hold."""
+        self.split()
+        return set(splits.groups([self.train_table.ids[r] for r in self.train_rows]))
 
     @property
     def split_summary(self) -> str:

@@ -75,3 +75,18 @@ def test_the_precision_flag_sets_the_trainers_and_the_peak_it_is_quoted_against(
     setup, flops = records[0], next(r for r in records if r["kind"] == "compute")
     assert setup["precision"] == "32-true" and flops["peak_in_use"] == "fp32"
     assert flops["fraction_of_peak"] == pytest.approx(flops["train_gflops"] / flops["peak_gflops_fp32"], rel=0.01)
+
+
+def test_profile_splits_a_steps_time_into_its_parts(demo_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    records = bench.main(["--data.data_dir", str(demo_dir), *TINY, "--batches", "3", "--profile"])
+    profile = next(r for r in records if r["kind"] == "profile")
+    parts = profile["parts"]
+    assert list(parts) == list(bench.step_profile.PARTS) and profile["steps"] == 3
+    assert sum(p["ms_per_step"] for p in parts.values()) == pytest.approx(profile["ms_per_step"], rel=0.01)
+    assert sum(p["share"] for p in parts.values()) == pytest.approx(1, abs=0.01)
+    for part in ("convolution", "normalisation", "activation", "pooling", "optimizer", "augmentation", "data"):
+        assert parts[part]["ms_per_step"] > 0, part  # each is found where the default recipe spends it
+    flops = next(r for r in records if r["kind"] == "compute")
+    conv_seconds = parts["convolution"]["ms_per_step"] / 1000
+    assert flops["convolution_gflops"] == pytest.approx(flops["train_gflop_per_image"] * 8 / conv_seconds, rel=0.01)
+    assert "Where a training step's time goes" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import pytest
 from malaria.commands import holdout
 from malaria.run import run_dirs
 from malaria.commands import train
-from malaria.prediction.predictor import load, predict_subset, slide_prior
+from malaria.prediction.predictor import load, predict_members, predict_subset, slide_prior
 from malaria.model.metrics import score
 
 from conftest import TINY
@@ -34,7 +34,13 @@ def test_ensemble_is_scored_on_the_mean_probability_of_its_members(runs_dir: Pat
     scores = holdout.score_runs(members)
     assert scores[["member", "tta", "prior"]].values.tolist() == [
         [member, tta, prior] for tta, prior in holdout.VIEWS for member in ("a", "b", holdout.ENSEMBLE)]
-    (_, labels, pa), (_, _, pb) = (holdout.holdout_probabilities(m) for m in members)
+    pa, pb = {}, {}
+    for tta in (False, True):
+        for with_prior in (False, True):
+            for probs, member in zip((pa, pb), members):
+                model, datamodule = load(run_dirs.checkpoint(member))
+                view = predict_subset(model, datamodule, "val", tta=tta, prior=1.0 if with_prior else 0.0)
+                probs[tta, with_prior], labels = view.probs, view.labels
     for view in holdout.VIEWS:
         for member, probs in (("a", pa[view]), (holdout.ENSEMBLE, (pa[view] + pb[view]) / 2)):
             row = scores[(scores["member"] == member) & (scores["tta"] == view[0]) & (scores["prior"] == view[1])]
@@ -47,12 +53,12 @@ def test_ensemble_is_scored_on_the_mean_probability_of_its_members(runs_dir: Pat
 
 
 def test_runs_that_hold_out_other_images_are_refused(runs_dir: Path) -> None:
-    with pytest.raises(ValueError, match="other-split holds out other images than .*a: their data settings"):
+    with pytest.raises(ValueError, match="other-split/.*predicts other images than .*a/.*: their data settings"):
         holdout.score_runs([runs_dir / "a", runs_dir / "other-split"])
 
 
 def test_a_full_fit_has_no_holdout(runs_dir: Path) -> None:
-    with pytest.raises(ValueError, match="full-fit trained on every image"):
+    with pytest.raises(ValueError, match="full-fit/.* trained on every image"):
         holdout.score_runs([runs_dir / "full-fit"])
 
 
