@@ -297,11 +297,12 @@ class MalariaDataModule(L.LightningDataModule):
                 f"validation {validation}.")
 
     def _without(self, rows: np.ndarray, exclude_csv: Path) -> np.ndarray:
-        """`rows` less the training cells named in the img_name column of `exclude_csv`."""
+        """`rows` less the training cells named in the img_name column of `exclude_csv` (`make audit`'s
+        label_issues.csv, or any list of ids), read and checked as every id CSV is."""
         try:
-            excluded = pd.read_csv(exclude_csv, dtype=str, usecols=["img_name"])["img_name"].str.strip()
-        except (OSError, ValueError) as err:  # missing file, unreadable CSV, or no img_name column
-            raise archive.DataError(f"data.exclude {exclude_csv}: {err}") from None
+            excluded = archive.read_id_csv(exclude_csv, with_labels=False)["img_name"]
+        except archive.DataError as err:  # the message starts with the file: name the flag before it
+            raise archive.DataError(f"data.exclude {err}") from None
         index = {name: row for row, name in enumerate(self.train_table.ids)}
         unknown = [name for name in excluded if name not in index]
         if unknown:
