@@ -88,7 +88,7 @@ def _publish(staged: Path, path: Path) -> None:
     try:
         os.link(staged, path)
     except FileExistsError:
-        raise FileExistsError(f"{path} already exists; refusing to overwrite a submission.") from None
+        raise errors.ExistsError(f"{path} already exists; refusing to overwrite a submission.") from None
     finally:
         os.unlink(staged)
 
@@ -101,14 +101,14 @@ def write_submission(
 ) -> Path:
     """Write `img_name,label` rows to a new file at `path` (plus a `<path>.json` sidecar if `metadata`).
 
-    Raises SubmissionError for bad ids/labels and FileExistsError if `path` or its sidecar exists.
+    Raises SubmissionError for bad ids/labels and errors.ExistsError if `path` or its sidecar exists.
     """
     path = Path(path)
     values = _check_arrays(ids, labels, path)
     sidecar = sidecar_path(path)
     for target in (path, sidecar) if metadata is not None else (path,):
         if target.exists():
-            raise FileExistsError(f"{target} already exists; refusing to overwrite a submission.")
+            raise errors.ExistsError(f"{target} already exists; refusing to overwrite a submission.")
     path.parent.mkdir(parents=True, exist_ok=True)
 
     table = pd.DataFrame({HEADER[0]: list(ids), HEADER[1]: values})

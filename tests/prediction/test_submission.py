@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from malaria.common import errors
 from malaria.prediction import submission
 from malaria.prediction.submission import (
     SubmissionError,
@@ -62,7 +63,7 @@ def test_write_sidecar_holds_metadata(tmp_path: Path) -> None:
 @pytest.mark.parametrize("existing", ["run.csv", "run.csv.json"])
 def test_write_refuses_to_overwrite(tmp_path: Path, existing: str) -> None:
     (tmp_path / existing).write_text("keep me")
-    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+    with pytest.raises(errors.ExistsError, match="refusing to overwrite"):  # a user error: one `error:` line
         write_submission(IDS, [0, 0, 0], tmp_path / "run.csv", metadata={"runs": ["r"]})
     assert (tmp_path / existing).read_text() == "keep me"
     assert [p.name for p in tmp_path.iterdir()] == [existing]
