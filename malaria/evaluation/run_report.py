@@ -3,8 +3,8 @@
 Built once at the end of training by the `RunReport` callback (which every run gets, see
 `malaria.run.cli.Infrastructure`), so no epoch gets slower, or on demand by `malaria.commands.report`.
 Everything is computed from the run's best checkpoint on its validation split: cells the model
-never trained on, split as the run's own `data.split` split it (random cells by default, whole
-slides with `data.split: slide`).
+never trained on, split as the run's own `data.split` split it (`random`: cells, as the
+leaderboard draws its test cells; `slide`: whole slides). Every recipe names its split.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import albumentations as A
 import numpy as np
 import pytest
 import torch
+import yaml
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
@@ -160,3 +161,12 @@ def test_an_exclusion_list_is_read_as_every_id_csv(demo_dir: Path, tmp_path: Pat
         setup("twice.csv")
     with pytest.raises(archive.DataError, match=r"^data\.exclude .*absent\.csv: file not found"):
         setup("absent.csv")
+
+
+def test_every_recipe_states_its_holdout_split() -> None:
+    """What a run validates on is the recipe's to say, never MalariaDataModule's default: `random`
+    cells or whole `slide`s give figures that do not compare."""
+    recipes = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+    splits = {p.name: yaml.safe_load(p.read_text()).get("data", {}).get("split") for p in recipes
+              if p.name != "kaggle.yaml"}
+    assert len(splits) >= 10 and {name: s for name, s in splits.items() if s not in ("random", "slide")} == {}
