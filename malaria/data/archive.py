@@ -75,7 +75,7 @@ def list_images(zip_path: Path) -> dict[str, str]:
     if ignored:
         log.warning("%s: ignoring %d non-image members: %s", zip_path, len(ignored), listing(ignored))
     if not images:
-        raise DataError(f"{zip_path}: the archive holds no PNG images.")
+        raise DataError(f"{zip_path}: the archive holds no PNG or JPEG images.")
 
     twice = sorted(m for m, n in Counter(images).items() if n > 1)
     if twice:

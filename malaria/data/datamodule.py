@@ -114,9 +114,9 @@ def whole_batch(batch: Batch) -> Batch:
 def default_workers(per_image_work: bool) -> int:
     """Half the cores, up to 8: the other half feed the model's own threads on a CPU machine.
 
-    None on a CPU machine when workers would only read the cache (all augmentation on the device):
-    handing a batch across processes then costs more than reading it (`make bench`, 2 cores:
-    7,800 images/s in the main process, 4,600 through one worker)."""
+    0 (the main process reads) on a CPU machine when workers would only read the cache (all
+    augmentation on the device): handing a batch across processes then costs more than reading it
+    (`make bench`, 2 cores: 7,800 images/s in the main process, 4,600 through one worker)."""
     if not per_image_work and not torch.cuda.is_available():
         return 0
     return min(8, max(1, (os.cpu_count() or 2) // 2))

@@ -1,7 +1,8 @@
 """Synthetic stand-in for the Kaggle competition files, so the pipeline runs without Kaggle data.
 
-`make_demo_competition` writes the same five files as the real competition (zips of PNGs under
-`train/` and `test/`, `img_name,label` CSVs) plus a `DEMO.txt` marker. The PNGs are drawn pink
+`make_demo_competition` writes the real competition's four files (zips of PNGs under `train/` and
+`test/`, `img_name,label` CSVs), the test set's answer key `test_labels.csv` (for `make score`)
+and a `DEMO.txt` marker. The PNGs are drawn pink
 cells on black, named like the NIH crops so the slide (patient) split works. Parasitized cells
 carry dark purple dots or rings. Scores on this data say nothing about real performance.
 

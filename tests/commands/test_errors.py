@@ -1,6 +1,6 @@
 """What a user sees when a verb fails on their input: one paragraph, exit status 1, no traceback,
 and nothing written in their folders. The commands run as `make` runs them, in a subprocess (the
-whole bad-input table through `make train`: tests/test_reliability.py)."""
+whole bad-input table through `make train`: tests/data/test_reliability.py)."""
 
 from __future__ import annotations
 

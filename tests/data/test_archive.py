@@ -1,4 +1,4 @@
-"""Reading the competition files. What bad files do is tabled in test_reliability.py."""
+"""Reading the competition files. What bad files do is tabled in tests/data/test_reliability.py."""
 
 from pathlib import Path
 
