@@ -1,4 +1,5 @@
-"""Gathering every rank's predictions into one result, in one process (the 2-process runs: tests/run/test_ddp.py)."""
+"""Gathering every rank's predictions into one result, in one process (2 processes:
+tests/run/test_ddp.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ def test_merge_puts_the_ranks_shares_in_row_order_and_keeps_a_padded_row_once() 
     assert merge(parts, np.array([3, 2, 1, 0])).tolist() == [0.4, 0.3, 0.2, 0.1]
 
 
-@pytest.mark.parametrize(("expected", "match"), [(np.arange(3), "1 unexpected"), (np.arange(5), "1 rows missing")])
+@pytest.mark.parametrize(("expected", "match"),
+                         [(np.arange(3), "1 unexpected"), (np.arange(5), "1 rows missing")])
 def test_merge_refuses_predictions_that_do_not_cover_the_images(expected: np.ndarray, match: str) -> None:
     with pytest.raises(RuntimeError, match=match):
         merge([(np.arange(4), np.zeros(4))], expected)
