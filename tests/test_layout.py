@@ -71,3 +71,14 @@ def test_old_class_paths_in_a_run_config_resolve_to_the_moved_classes() -> None:
     assert importlib.import_module("malaria.reporting").RunReport is RunReport
     assert importlib.import_module("malaria.report").RunReport is RunReport
     assert importlib.import_module("malaria.checkpointing").LastCheckpoint is LastCheckpoint
+
+
+@pytest.mark.parametrize("folder", LAYERS)
+def test_each_folders_docstring_names_every_module_in_it(folder: str) -> None:
+    """A newcomer reads `malaria/<folder>/__init__.py` to find a module: a new one must be named there."""
+    docstring = ast.get_docstring(ast.parse((PACKAGE / folder / "__init__.py").read_text())) or ""
+    modules = sorted(p.stem for p in (PACKAGE / folder).glob("*.py") if p.stem != "__init__")
+    if folder == "commands":  # the verbs: the folder's docstring says how to run any of them
+        assert "python -m malaria.commands.<verb>" in docstring
+        return
+    assert [m for m in modules if f"`{m}`" not in docstring] == []

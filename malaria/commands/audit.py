@@ -26,7 +26,7 @@ from malaria.data import archive
 from malaria.data.archive import CLASSES
 from malaria.common import errors
 from malaria.data import splits
-from malaria.common.atomic import replace_file, write_text
+from malaria.common.atomic import replace_file, save_figure, write_text
 from malaria.common.flags import PositiveInt, argument
 from malaria.evaluation.run_report import zip_gallery
 
@@ -94,8 +94,7 @@ def audit(cv_run: Path, data_dir: Path | None = None, shown: int = 48) -> Path:
     staging = out.with_name(f".{out.name}.partial")
     staging.mkdir(parents=True, exist_ok=True)
     replace_file(staging / "label_issues.csv", lambda f: issues.to_csv(f, index=False))
-    figure = gallery(issues, data_dir, shown)
-    replace_file(staging / "gallery.png", lambda f: figure.savefig(f, format="png", dpi=100), binary=True)
+    save_figure(gallery(issues, data_dir, shown), staging / "gallery.png")
     write_text(staging / "audit.md", markdown(cv_run.name, oof, issues, data_dir, shown))
     staging.rename(out)
     return out

@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 from lightning.pytorch.tuner import Tuner
 
 from malaria.common import errors
+from malaria.common.atomic import save_figure
 from malaria.run.cli import build as build_cli
 
 
@@ -27,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> float | None:
     recipe = Path(cli.config.get("config", ["run"])[0]).stem if cli.config.get("config") else "run"
     plot = Path(cli.config.runs_dir) / f"lr_find-{recipe}.png"
     plot.parent.mkdir(parents=True, exist_ok=True)
-    finder.plot(suggest=True).savefig(plot, dpi=100)
+    save_figure(finder.plot(suggest=True), plot)
     print(f"Suggested model.lr: {suggestion:.2e}  (plot: {plot}); try `make train ARGS='--model.lr {suggestion:.1e}'`")
     return suggestion
 

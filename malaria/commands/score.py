@@ -20,7 +20,7 @@ import pandas as pd
 from scipy.stats import binomtest
 
 from malaria.common import errors
-from malaria.common.atomic import replace_file
+from malaria.common.atomic import replace_file, save_figure
 from malaria.common.errors import listing
 from malaria.data import archive, splits
 from malaria.data.archive import CLASSES
@@ -93,7 +93,7 @@ def save_shared_errors(labels: pd.Series, answers: Path, out: Path, shown: int =
     figure = zip_gallery(archive.load_test(answers.parent), top["img_name"].tolist(),
                          [f"key: {CLASSES[label]}" for label in top["label"]],
                          f"Wrong in every submission, with the answer key's label ({len(top)} of {len(table)})")
-    replace_file(out / "shared_errors.png", lambda f: figure.savefig(f, format="png", dpi=100), binary=True)
+    save_figure(figure, out / "shared_errors.png")
     print(f"wrote {out / 'shared_errors.png'}")
 
 

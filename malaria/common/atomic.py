@@ -15,9 +15,12 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from malaria.common import errors
+
+if TYPE_CHECKING:  # matplotlib is imported by whoever draws, not by every writer of a file
+    from matplotlib.figure import Figure
 
 
 def _umask() -> int:
@@ -119,3 +122,17 @@ def replace_file(path: Path, write: Callable[[IO], object], binary: bool = False
 
 def write_text(path: Path, text: str) -> Path:
     return replace_file(path, lambda f: f.write(text))
+
+
+def save_figure(figure: Figure, path: Path, dpi: int = 100) -> Path:
+    """Write `figure` to `path` as a PNG, replacing any existing file in one rename, and close it.
+
+    Closed even when the write fails: pyplot keeps every figure it made until it is closed (a plain
+    `Figure()` has no manager and is freed with its last reference)."""
+    try:
+        return replace_file(Path(path), lambda f: figure.savefig(f, format="png", dpi=dpi), binary=True)
+    finally:
+        if figure.canvas.manager is not None:
+            import matplotlib.pyplot as plt  # loaded already: only pyplot gives a figure a manager
+
+            plt.close(figure)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -59,13 +60,26 @@ def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -
     return 2 * size**3 / best / 1e9
 
 
+@functools.cache
+def torch_overcounts_grouped_convolutions() -> bool:
+    """Whether torch's FLOP counter counts a grouped convolution's weight gradient once per group
+    (pytorch/pytorch#183405), read from its count of a tiny 2-group convolution: the fix below then
+    stops itself in the torch release that counts right, with no version number to keep."""
+    conv = torch.nn.Conv2d(2, 2, 1, groups=2, bias=False)
+    with FlopCounterMode(display=False) as counter:
+        conv(torch.ones(1, 2, 1, 1)).sum().backward()  # the input needs no gradient: only the weight's
+    forward = 2 * 2  # one multiply-add for each of the 2 output channels
+    return counter.get_total_flops() > 2 * forward
+
+
 def _grouped_conv_backward_flop(grad_out_shape: list[int], x_shape: list[int], w_shape: list[int],
                                 bias: Any, stride: Any, padding: Any, dilation: Any, transposed: bool,
                                 output_padding: Any, groups: int, output_mask: list[bool], out_shape: Any,
                                 **kwargs: Any) -> int:
     """torch's count of a convolution's backward, with the weight gradient of a grouped convolution
     divided by its groups: torch 2.14 counts it once per group, which put EfficientNet's training
-    step at 14x its cost (fixed upstream by pytorch/pytorch#183405)."""
+    step at 14x its cost (fixed upstream by pytorch/pytorch#183405). Used only while
+    `torch_overcounts_grouped_convolutions`."""
     args = (grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed, output_padding,
             groups)
     flops = conv_backward_flop(*args, output_mask, out_val=out_shape, **kwargs)
@@ -80,7 +94,8 @@ def training_gflop_per_image(net: torch.nn.Module, image_size: int, batch: int =
     counts them: convolutions and matmuls, the work the hardware's peak is quoted for."""
     net = copy.deepcopy(net).train()
     images = torch.randn(batch, 3, image_size, image_size, device=next(net.parameters()).device)
-    fixes = {torch.ops.aten.convolution_backward: _grouped_conv_backward_flop}
+    fixes = ({torch.ops.aten.convolution_backward: _grouped_conv_backward_flop}
+             if torch_overcounts_grouped_convolutions() else {})
     with FlopCounterMode(display=False, custom_mapping=fixes) as counter:
         net(images).float().sum().backward()
     return counter.get_total_flops() / batch / 1e9

@@ -28,6 +28,8 @@ DEMO_SUBDIR = "demo"  # data_dir/demo: the generated competition of a fresh clon
 ID_COLUMNS = ("img_name", "id")
 CLASSES = ("uninfected", "parasitized")  # the names of labels 0 and 1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+HEADER = ("img_name", "label")  # of every id CSV: the labels, the sample submission, a submission
+LABELS = ("0", "1")  # a label as a CSV must write it
 
 
 class DataError(UserError, ValueError):
@@ -73,7 +75,7 @@ def list_images(zip_path: Path) -> dict[str, str]:
     if ignored:
         log.warning("%s: ignoring %d non-image members: %s", zip_path, len(ignored), listing(ignored))
     if not images:
-        raise DataError(f"{zip_path}: the archive holds no PNG images.")
+        raise DataError(f"{zip_path}: the archive holds no PNG or JPEG images.")
 
     twice = sorted(m for m, n in Counter(images).items() if n > 1)
     if twice:
@@ -90,54 +92,85 @@ def list_images(zip_path: Path) -> dict[str, str]:
     return by_name
 
 
-def read_id_csv(csv_path: Path, with_labels: bool) -> pd.DataFrame:
-    """Read an `img_name,label` CSV (`id` accepted for `img_name`), checking ids and labels.
-
-    A UTF-8 BOM, CRLF or CR line ends, blank lines and spaces around values are accepted; other
-    columns are ignored with a warning. Errors give the line number as an editor shows it."""
+def _read_lines(csv_path: Path, error: type[UserError]) -> pd.DataFrame:
+    """Every line of a CSV as strings, the header included, indexed by its line number as an editor
+    shows it: blank lines are kept, so that the numbers in messages stay right."""
     try:
-        # Blank lines are kept while reading, so that row i is still line i + 2 in messages.
-        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skip_blank_lines=False,
+        lines = pd.read_csv(csv_path, header=None, dtype=str, keep_default_na=False, skip_blank_lines=False,
                             encoding="utf-8-sig")
     except FileNotFoundError:
-        raise DataError(f"{csv_path}: file not found.") from None
+        raise error(f"{csv_path}: file not found.") from None
     except UnicodeDecodeError as err:
-        raise DataError(f"{csv_path}: not UTF-8 text ({err}); save it as a UTF-8 CSV.") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise DataError(f"{csv_path}: not a readable CSV ({str(err).strip()}).") from None
+        raise error(f"{csv_path}: not UTF-8 text ({err}); save it as a UTF-8 CSV.") from None
+    except pd.errors.EmptyDataError:
+        raise error(f"{csv_path}: not a readable CSV: the file is empty; expected a header with "
+                    f"{','.join(HEADER)}.") from None
+    except pd.errors.ParserError as err:
+        raise error(f"{csv_path}: not a readable CSV ({str(err).strip()}).") from None
+    lines.index += 1
+    return lines
 
-    frame.columns = [c.strip() for c in frame.columns]
-    id_column = next((c for c in ID_COLUMNS if c in frame.columns), None)
-    if id_column is None or (with_labels and "label" not in frame.columns):
-        wanted = "img_name,label" if with_labels else "img_name"
-        found = ",".join(frame.columns)
-        raise DataError(f"{csv_path}: expected a header with {wanted}, found {found[:80]!r}.")
-    wanted_columns = [id_column, "label"] if with_labels else [id_column]
-    # a sample submission's label column is its format, not an extra
-    extra = [c for c in frame.columns if c not in wanted_columns and c != "label"]
-    if extra:
-        log.warning("%s: ignoring columns %s", csv_path, listing(extra))
-    frame = frame[wanted_columns].rename(columns={id_column: "img_name"}).apply(lambda c: c.str.strip())
-    frame = frame[(frame != "").any(axis=1)]
-    if frame.empty:
-        raise DataError(f"{csv_path}: the CSV has a header but no rows.")
 
-    blank = frame.index[frame["img_name"] == ""]
+def check_rows(table: pd.DataFrame, path: Path, with_labels: bool = True,
+               error: type[UserError] = DataError) -> None:
+    """The checks every `img_name,label` table passes, read from a CSV or about to be written to
+    one: ids not empty and unique, labels written exactly `0` or `1`. `table` holds strings and is
+    indexed by line number; errors name the file and the first offending line."""
+    names = table[HEADER[0]]
+    blank = names.index[names.str.strip() == ""]
     if len(blank):
-        raise DataError(f"{csv_path}: empty img_name on line {blank[0] + 2}.")
-    duplicated = frame["img_name"][frame["img_name"].duplicated()].tolist()
-    if duplicated:
-        raise DataError(f"{csv_path}: duplicate ids {listing(duplicated)}.")
+        raise error(f"{path}: empty img_name on line {blank[0]}.")
     if with_labels:
-        bad = frame.index[~frame["label"].isin(["0", "1"])]
+        bad = table.index[~table[HEADER[1]].isin(LABELS)]
         if len(bad):
-            row = bad[0]
-            raise DataError(
-                f"{csv_path}: line {row + 2} ({frame['img_name'][row]}) has label {frame['label'][row]!r}; "
-                "labels must be 0 (uninfected) or 1 (parasitized)."
-            )
-        frame["label"] = frame["label"].astype(np.int64)
-    return frame.reset_index(drop=True)
+            line = bad[0]
+            raise error(f"{path}: line {line} ({names[line]}) has label {table[HEADER[1]][line]!r}; labels "
+                        f"must be 0 (uninfected) or 1 (parasitized); lines with another label: {len(bad)}.")
+    repeated = names.duplicated()
+    if repeated.any():
+        line = names.index[repeated.argmax()]
+        first = names.index[(names == names[line]).argmax()]
+        twice = listing(names[repeated].unique().tolist())
+        raise error(f"{path}: duplicate ids {twice}: line {line} repeats id {names[line]!r} from line {first}.")
+
+
+def read_id_csv(csv_path: Path, with_labels: bool, exact: bool = False,
+                error: type[UserError] = DataError) -> pd.DataFrame:
+    """Read an `img_name,label` CSV (`img_name` alone when `with_labels` is off), checking every row
+    (`check_rows`); the table has `img_name` (str) and `label` (int64) columns.
+
+    By default it reads a file as people and tools write them: a UTF-8 BOM, CRLF or CR line ends,
+    blank lines, spaces around values and `id` for `img_name` are accepted, and other columns
+    ignored (with a warning beside labels). `exact` reads a file as Kaggle will, a submission: the
+    header is exactly `img_name,label`, and nothing is stripped or skipped. Errors give the line
+    number as an editor shows it."""
+    lines = _read_lines(csv_path, error)
+    header, body = lines.iloc[0].tolist(), lines.iloc[1:]
+    wanted = list(HEADER) if with_labels else [HEADER[0]]
+    if exact:
+        id_column = HEADER[0] if header == wanted else None
+    else:
+        header = [c.strip() for c in header]
+        id_column = next((c for c in ID_COLUMNS if c in header), None)
+    if id_column is None or (with_labels and HEADER[1] not in header):
+        found = ",".join(header)[:80]
+        raise error(f"{csv_path}: expected a header with {','.join(wanted)}, found {found!r}.")
+    positions = [header.index(id_column), *([header.index(HEADER[1])] if with_labels else [])]
+    table = body.iloc[:, positions].set_axis(wanted, axis=1)
+    if not exact:
+        # Beside labels, another column may be the one that was meant; read for its ids alone, a file's
+        # other columns are its own (a sample submission's label, the ranks of `make audit`'s list).
+        extra = [c for i, c in enumerate(header) if i not in positions]
+        if extra and with_labels:
+            log.warning("%s: ignoring columns %s", csv_path, listing(extra))
+        table = table.apply(lambda column: column.str.strip())
+        table = table[(table != "").any(axis=1)]
+    if table.empty:
+        raise error(f"{csv_path}: the CSV has a header but no rows.")
+    check_rows(table, csv_path, with_labels, error)
+    if with_labels:
+        table = table.astype({HEADER[1]: np.int64})
+    return table.reset_index(drop=True)
 
 
 def _match(zip_path: Path, csv_path: Path, ids: list[str]) -> list[str]:

@@ -38,7 +38,7 @@ READ_BLOCK = 1 << 24
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB on a black background, whatever the PNG's mode (grayscale, 16-bit, palette, alpha)."""
+    """RGB on a black background, whatever the image's mode (grayscale, 16-bit, palette, alpha)."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         depth = 65535 if image.mode != "F" else 1.0
         scaled = np.asarray(image, dtype=np.float64) * (255.0 / depth)

@@ -114,9 +114,9 @@ def whole_batch(batch: Batch) -> Batch:
 def default_workers(per_image_work: bool) -> int:
     """Half the cores, up to 8: the other half feed the model's own threads on a CPU machine.
 
-    None on a CPU machine when workers would only read the cache (all augmentation on the device):
-    handing a batch across processes then costs more than reading it (`make bench`, 2 cores:
-    7,800 images/s in the main process, 4,600 through one worker)."""
+    0 (the main process reads) on a CPU machine when workers would only read the cache (all
+    augmentation on the device): handing a batch across processes then costs more than reading it
+    (`make bench`, 2 cores: 7,800 images/s in the main process, 4,600 through one worker)."""
     if not per_image_work and not torch.cuda.is_available():
         return 0
     return min(8, max(1, (os.cpu_count() or 2) // 2))
@@ -309,11 +309,12 @@ class MalariaDataModule(L.LightningDataModule):
                 f"validation {validation}.")
 
     def _without(self, rows: np.ndarray, exclude_csv: Path) -> np.ndarray:
-        """`rows` less the training cells named in the img_name column of `exclude_csv`."""
+        """`rows` less the training cells named in the img_name column of `exclude_csv` (`make audit`'s
+        label_issues.csv, or any list of ids), read and checked as every id CSV is."""
         try:
-            excluded = pd.read_csv(exclude_csv, dtype=str, usecols=["img_name"])["img_name"].str.strip()
-        except (OSError, ValueError) as err:  # missing file, unreadable CSV, or no img_name column
-            raise archive.DataError(f"data.exclude {exclude_csv}: {err}") from None
+            excluded = archive.read_id_csv(exclude_csv, with_labels=False)["img_name"]
+        except archive.DataError as err:  # the message starts with the file: name the flag before it
+            raise archive.DataError(f"data.exclude {err}") from None
         index = {name: row for row, name in enumerate(self.train_table.ids)}
         unknown = [name for name in excluded if name not in index]
         if unknown:

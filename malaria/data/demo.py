@@ -1,7 +1,8 @@
 """Synthetic stand-in for the Kaggle competition files, so the pipeline runs without Kaggle data.
 
-`make_demo_competition` writes the same five files as the real competition (zips of PNGs under
-`train/` and `test/`, `img_name,label` CSVs) plus a `DEMO.txt` marker. The PNGs are drawn pink
+`make_demo_competition` writes the real competition's four files (zips of PNGs under `train/` and
+`test/`, `img_name,label` CSVs), the test set's answer key `test_labels.csv` (for `make score`)
+and a `DEMO.txt` marker. The PNGs are drawn pink
 cells on black, named like the NIH crops so the slide (patient) split works. Parasitized cells
 carry dark purple dots or rings. Scores on this data say nothing about real performance.
 
@@ -264,10 +265,12 @@ def _check_writable(out_dir: Path) -> None:
     if not out_dir.exists() and not out_dir.is_symlink():
         return
     if not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a folder; refusing to replace it with demo data")
+        raise errors.ExistsError(
+            f"{out_dir} exists and is not a folder; refusing to replace it with demo data."
+        )
     if any(out_dir.iterdir()) and _read_marker(out_dir) is None:
-        raise FileExistsError(
-            f"{out_dir} is not empty and has no malaria.data.demo {MARKER}; refusing to put demo data there"
+        raise errors.ExistsError(
+            f"{out_dir} is not empty and has no malaria.data.demo {MARKER}; refusing to put demo data there."
         )
 
 
@@ -315,7 +318,7 @@ def make_demo_competition(out_dir: Path, n_train: int = 800, n_test: int = 200, 
     A complete demo made with the same arguments is reused untouched; the files of one made with other
     arguments, or of an unfinished one, are replaced. Files are built in a hidden sibling folder and
     renamed into place, so none is ever half-written. A non-empty folder without our marker raises
-    `FileExistsError` instead of being written into.
+    `errors.ExistsError` instead of being written into.
     """
     if n_train < 2 or n_test < 2:
         raise ValueError(f"n_train and n_test must be at least 2 (one per class), got {n_train} and {n_test}")

@@ -2,10 +2,10 @@
 
 `split="random"`, the default recipe's holdout, draws cells as the competition draws its test
 cells from the same slides: it measures the leaderboard-like figure, which rewards recognising
-slides. `split="slide"` never puts one slide on both sides (`make cv` always uses it): cells from
-one smear share stain, focus and parasite stage, so only whole slides measure what a new patient
-will see. NIH file names carry the slide in their prefix: `C33P1thinF_IMG_..._cell_179.png` comes
-from slide C33P1, `C1_...` from healthy slide C1.
+slides. `split="slide"` never puts one slide on both sides (`make cv` uses it, unless its ARGS say
+`--data.split random`): cells from one smear share stain, focus and parasite stage, so only whole
+slides measure what a new patient will see. NIH file names carry the slide in their prefix:
+`C33P1thinF_IMG_..._cell_179.png` comes from slide C33P1, `C1_...` from healthy slide C1.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Built once at the end of training by the `RunReport` callback (which every run gets, see
 `malaria.run.cli.Infrastructure`), so no epoch gets slower, or on demand by `malaria.commands.report`.
 Everything is computed from the run's best checkpoint on its validation split: cells the model
-never trained on, split as the run's own `data.split` split it (random cells by default, whole
-slides with `data.split: slide`).
+never trained on, split as the run's own `data.split` split it (`random`: cells, as the
+leaderboard draws its test cells; `slide`: whole slides). Every recipe names its split.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from torch import nn
 from torchvision.utils import make_grid
 
 from malaria.common import errors
-from malaria.common.atomic import replace_file, write_text
+from malaria.common.atomic import save_figure, write_text
 from malaria.data import cache
 from malaria.data.archive import CLASSES, ImageTable
 from malaria.data.datamodule import MalariaDataModule
@@ -298,10 +298,6 @@ def first_layer_filters(net: nn.Module, columns: int = 8) -> Figure | None:
 
 # ---------------------------------------------------------------- report
 
-def save_figure(fig: Figure, path: Path) -> Path:
-    return replace_file(path, lambda f: fig.savefig(f, format="png", dpi=DPI), binary=True)
-
-
 def _markdown(run_dir: Path, figures: dict[str, Path], metrics: dict[str, float],
               predictions: ValPredictions, mistakes: np.ndarray, checkpoint: Path | None) -> str:
     def image(name: str) -> list[str]:
@@ -362,7 +358,7 @@ def build_report(run_dir: Path, model: MalariaClassifier, predictions: ValPredic
         "gradcam": gradcam_figure(model, predictions, gradcam_per_group, seed),
         "filters": first_layer_filters(model.net),
     }
-    paths = {name: save_figure(fig, run_dir / FIGURES_DIR / f"{name}.png")
+    paths = {name: save_figure(fig, run_dir / FIGURES_DIR / f"{name}.png", dpi=DPI)
              for name, fig in figures.items() if fig is not None}
     metrics = validation_metrics(predictions)
     text = _markdown(run_dir, paths, metrics, predictions, mistakes, checkpoint)

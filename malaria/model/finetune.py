@@ -203,12 +203,14 @@ class FineTune(FeatureExtraction):
         self.train_bn = train_bn
         self.coarse = coarse
         self.unfrozen = 0  # how many top groups are trainable now; checkpointed
+        self.resuming = False  # set by load_state_dict, which Lightning calls only when a fit resumes
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "unfrozen": self.unfrozen}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.unfrozen = state_dict["unfrozen"]
+        self.resuming = True
         super().load_state_dict(state_dict)
 
     def groups_at(self, epoch: int) -> int:
@@ -237,9 +239,9 @@ class FineTune(FeatureExtraction):
             rewrap_ddp(pl_module.trainer)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        restarting = self._restarting
         super().on_fit_start(trainer, pl_module)  # puts the checkpoint's param groups back, by name
-        if restarting:
+        if self.resuming:
+            self.resuming = False
             for group in self.groups[len(self.groups) - self.unfrozen:]:
                 self._make_trainable(group)
             for optimizer in trainer.optimizers:

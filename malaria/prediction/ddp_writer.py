@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from malaria.common import errors
 from malaria.model.metrics import THRESHOLD
 from malaria.prediction.submission import write_submission
 
@@ -70,7 +71,7 @@ class PredictionWriter(BasePredictionWriter):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Refuse early, on every rank, rather than after the whole prediction.
         if self.out is not None and self.out.exists():
-            raise FileExistsError(f"{self.out} already exists; refusing to overwrite a submission.")
+            raise errors.ExistsError(f"{self.out} already exists; refusing to overwrite a submission.")
 
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Sequence[Any],
                            batch_indices: Sequence[Any]) -> None:

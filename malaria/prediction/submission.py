@@ -20,13 +20,11 @@ import numpy as np
 import pandas as pd
 
 from malaria.common import errors
-from malaria.common.errors import listing
-from malaria.data.archive import SAMPLE_SUBMISSION, read_id_csv
 from malaria.common.atomic import stage_file
+from malaria.common.errors import listing
+from malaria.data.archive import HEADER, SAMPLE_SUBMISSION, check_rows, read_id_csv
 
-HEADER = ("img_name", "label")
 HISTORY_NAME = "history.csv"  # the Kaggle upload log that malaria.commands.leaderboard keeps in submissions/
-LABELS = ("0", "1")
 SHOWN = 3  # how many offending ids an error message lists (errors.listing)
 
 
@@ -54,27 +52,22 @@ def sidecar_path(path: Path) -> Path:
 
 
 def _check_arrays(ids: Sequence[str], labels: Sequence[int] | np.ndarray, path: Path) -> np.ndarray:
-    """Return labels as int64 after checking they are 0/1 integers matching `ids` one to one."""
+    """Return labels as int64 after checking they are 0/1 integers matching `ids` one to one, and
+    that the rows pass the checks the file will be read back with (`archive.check_rows`)."""
     values = np.asarray(labels)
     if values.ndim != 1 or len(values) != len(ids):
         raise SubmissionError(f"{path}: {len(ids)} ids but labels of shape {values.shape}.")
     # Floats are refused rather than rounded: a 0.7 here means probabilities were passed by mistake.
     if not (np.issubdtype(values.dtype, np.integer) or values.dtype == np.bool_):
         raise SubmissionError(f"{path}: labels must be integers 0/1, got dtype {values.dtype}.")
-    bad = np.flatnonzero((values != 0) & (values != 1))
-    if bad.size:
-        raise SubmissionError(
-            f"{path}: label {values[bad[0]].item()!r} for id {ids[bad[0]]!r} is not 0 or 1 "
-            f"({bad.size} such labels)."
-        )
-    names = pd.Series(list(ids), dtype=object)
-    blank = [i for i, name in enumerate(names) if not isinstance(name, str) or not name.strip()]
-    if blank:
-        raise SubmissionError(f"{path}: id number {blank[0] + 1} is empty or not a string.")
-    duplicated = names[names.duplicated()].unique().tolist()
-    if duplicated:
-        raise SubmissionError(f"{path}: duplicate ids {listing(duplicated, SHOWN)}.")
-    return values.astype(np.int64)
+    not_text = [i for i, name in enumerate(ids) if not isinstance(name, str)]
+    if not_text:
+        raise SubmissionError(f"{path}: id number {not_text[0] + 1} is {ids[not_text[0]]!r}, not a string.")
+    values = values.astype(np.int64)
+    # indexed by the line each row will be written on, line 1 being the header
+    rows = pd.DataFrame({HEADER[0]: list(ids), HEADER[1]: values.astype(str)}, index=range(2, len(ids) + 2))
+    check_rows(rows, path, error=SubmissionError)
+    return values
 
 
 def _json_default(value: Any) -> Any:
@@ -95,7 +88,7 @@ def _publish(staged: Path, path: Path) -> None:
     try:
         os.link(staged, path)
     except FileExistsError:
-        raise FileExistsError(f"{path} already exists; refusing to overwrite a submission.") from None
+        raise errors.ExistsError(f"{path} already exists; refusing to overwrite a submission.") from None
     finally:
         os.unlink(staged)
 
@@ -108,14 +101,14 @@ def write_submission(
 ) -> Path:
     """Write `img_name,label` rows to a new file at `path` (plus a `<path>.json` sidecar if `metadata`).
 
-    Raises SubmissionError for bad ids/labels and FileExistsError if `path` or its sidecar exists.
+    Raises SubmissionError for bad ids/labels and errors.ExistsError if `path` or its sidecar exists.
     """
     path = Path(path)
     values = _check_arrays(ids, labels, path)
     sidecar = sidecar_path(path)
     for target in (path, sidecar) if metadata is not None else (path,):
         if target.exists():
-            raise FileExistsError(f"{target} already exists; refusing to overwrite a submission.")
+            raise errors.ExistsError(f"{target} already exists; refusing to overwrite a submission.")
     path.parent.mkdir(parents=True, exist_ok=True)
 
     table = pd.DataFrame({HEADER[0]: list(ids), HEADER[1]: values})
@@ -135,20 +128,6 @@ def write_submission(
             os.unlink(sidecar)
         raise
     return path
-
-
-def _read_rows(path: Path) -> pd.DataFrame:
-    """All CSV rows as strings, header included, blank lines kept so row i is CSV line i + 1."""
-    try:
-        return pd.read_csv(
-            path, header=None, dtype=str, keep_default_na=False, skip_blank_lines=False, encoding="utf-8-sig"
-        )
-    except FileNotFoundError:
-        raise SubmissionError(f"{path}: file not found.") from None
-    except pd.errors.EmptyDataError:
-        raise SubmissionError(f"{path}: the file is empty; expected the header 'img_name,label'.") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise SubmissionError(f"{path}: not a readable 2-column UTF-8 CSV ({err}).") from None
 
 
 def _check_expected(table: pd.DataFrame, expected_ids: Sequence[str], path: Path) -> None:
@@ -177,39 +156,15 @@ def _check_expected(table: pd.DataFrame, expected_ids: Sequence[str], path: Path
 def validate_submission(path: Path, expected_ids: Sequence[str] | None = None) -> pd.DataFrame:
     """Check a submission CSV and return it as a table (`img_name` str, `label` int64).
 
-    Requires the header `img_name,label` (a UTF-8 BOM and CRLF endings are fine), labels written
-    exactly `0` or `1`, unique non-empty ids and, if `expected_ids` is given, exactly those ids in
-    that order. Raises SubmissionError naming the file and the first offending line (1-based).
-    """
+    Read as Kaggle will read it (`archive.read_id_csv`, exact): the header `img_name,label` (a
+    UTF-8 BOM and CRLF endings are fine), labels written exactly `0` or `1`, unique non-empty ids,
+    no blank lines and, if `expected_ids` is given, exactly those ids in that order. Raises
+    SubmissionError naming the file and the first offending line (1-based)."""
     path = Path(path)
-    rows = _read_rows(path)
-    if tuple(rows.iloc[0]) != HEADER:
-        raise SubmissionError(f"{path}: line 1 is {','.join(rows.iloc[0])!r}; expected the header 'img_name,label'.")
-    table = rows.iloc[1:].set_axis(list(HEADER), axis=1).reset_index(drop=True)
-    lines = table.index + 2
-
-    blank = table[HEADER[0]].str.strip() == ""
-    if blank.any():
-        raise SubmissionError(f"{path}: line {lines[blank.argmax()]} has an empty img_name.")
-    bad = ~table[HEADER[1]].isin(LABELS)
-    if bad.any():
-        first = int(bad.argmax())
-        raise SubmissionError(
-            f"{path}: line {lines[first]} has label {table[HEADER[1]].iat[first]!r}; "
-            f"labels must be the integers 0 or 1 ({int(bad.sum())} such lines)."
-        )
-    repeated = table[HEADER[0]].duplicated()
-    if repeated.any():
-        first = int(repeated.argmax())
-        name = table[HEADER[0]].iat[first]
-        original = int((table[HEADER[0]] == name).argmax())
-        raise SubmissionError(
-            f"{path}: line {lines[first]} repeats id {name!r} from line {lines[original]} "
-            f"({int(repeated.sum())} duplicate rows)."
-        )
+    table = read_id_csv(path, with_labels=True, exact=True, error=SubmissionError)
     if expected_ids is not None:
         _check_expected(table, expected_ids, path)
-    return table.astype({HEADER[1]: np.int64})
+    return table
 
 
 def read_sample_submission(data_dir: Path) -> list[str] | None:

@@ -46,6 +46,8 @@ OPERATORS = (
     ("silu", "activation"),
     ("hardswish", "activation"),
 )
+# torch names the span of a step `ProfilerStep#<n>`, or `ProfilerStep*` once it has grouped them (2.14)
+STEP = "ProfilerStep"
 PARTS = ("convolution", "normalisation", "activation", "pooling", "optimizer", "augmentation", "data", "rest",
          "overhead")
 
@@ -92,7 +94,7 @@ class StepProfile:
 def parts(events: Iterable[FunctionEvent]) -> StepProfile:
     """Sum operators' self time by part, within the recorded steps (the profiler's `ProfilerStep` spans)."""
     events = list(events)
-    steps = [e for e in events if e.name.startswith("ProfilerStep")]  # ProfilerStep#n, or ProfilerStep*
+    steps = [e for e in events if e.name.startswith(STEP)]
     if not steps:
         raise ValueError("The profiler recorded no training step: run more batches than the warm-up.")
     start, end = min(e.time_range.start for e in steps), max(e.time_range.end for e in steps)
@@ -101,7 +103,7 @@ def parts(events: Iterable[FunctionEvent]) -> StepProfile:
     for event in events:
         # Operators only (aten::..., the optimizer's own loop): the profiler's and Lightning's
         # region markers hold no work of their own beyond what their children count.
-        if event.name.startswith(("ProfilerStep", "[pl]")) or not start <= event.time_range.start < end:
+        if event.name.startswith((STEP, "[pl]")) or not start <= event.time_range.start < end:
             continue
         if event.thread != steps[0].thread:  # the step's own thread: others (workers) overlap it
             continue

@@ -1,6 +1,6 @@
 """What a user sees when a verb fails on their input: one paragraph, exit status 1, no traceback,
 and nothing written in their folders. The commands run as `make` runs them, in a subprocess (the
-whole bad-input table through `make train`: tests/test_reliability.py)."""
+whole bad-input table through `make train`: tests/data/test_reliability.py)."""
 
 from __future__ import annotations
 
@@ -66,3 +66,28 @@ def test_unexpected_errors_keep_their_traceback() -> None:
     with pytest.raises(SystemExit) as exit_:
         errors.run(lambda: (_ for _ in ()).throw(errors.ConfigError("bad recipe")))
     assert exit_.value.code == 1
+
+
+def test_an_output_that_is_never_overwritten_is_refused_in_one_paragraph(tmp_path: Path,
+                                                                          tiny_run: Path) -> None:
+    """A user's existing submission, or a folder of theirs where demo data would go: errors.ExistsError,
+    whichever verb meets it, and nothing written."""
+    work = tmp_path / "work"
+    taken = work / "taken.csv"
+    foreign = work / "empty_data" / "demo"  # a DATA_DIR without competition files makes its demo there
+    foreign.mkdir(parents=True)
+    taken.write_text("mine\n")
+    (foreign / "notes.txt").write_text("mine\n")
+    before = snapshot(work)
+    results = run_commands([
+        ("malaria.commands.train", ["predict", "--config", str(tiny_run / "config.yaml"),
+                                    "--ckpt_path", str(tiny_run / "checkpoints" / "best.ckpt"),
+                                    "--trainer.callbacks+=malaria.prediction.ddp_writer.PredictionWriter",
+                                    "--trainer.callbacks.out", str(taken)], work),
+        ("malaria.commands.train", ["fit", *TINY, "--data.data_dir", str(foreign.parent)], work),
+        ("malaria.data.demo", ["--out", str(foreign)], work),
+    ], tmp_path / "logs")
+    assert_one_paragraph(results[0], str(taken), "refusing to overwrite a submission")
+    for result in results[1:]:
+        assert_one_paragraph(result, str(foreign), "refusing to put demo data there")
+    assert snapshot(work) == before

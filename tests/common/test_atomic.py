@@ -56,6 +56,28 @@ def test_a_read_only_folder_is_a_write_error(tmp_path: Path, monkeypatch: pytest
         atomic.write_text(tmp_path / "a.csv", "x")
 
 
+def test_a_figure_is_saved_whole_or_not_at_all_and_closed(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    figure, _ = plt.subplots(figsize=(2, 1))
+    path = atomic.save_figure(figure, tmp_path / "plot.png", dpi=50)
+    assert Image.open(path).size == (100, 50) and not plt.fignum_exists(figure.number)
+    drawn = path.read_bytes()
+
+    def fails(self: Figure, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug while drawing")
+
+    monkeypatch.setattr(Figure, "savefig", fails)
+    figure, _ = plt.subplots()
+    with pytest.raises(RuntimeError, match="a bug while drawing"):
+        atomic.save_figure(figure, path)
+    assert path.read_bytes() == drawn and os.listdir(tmp_path) == ["plot.png"]
+    assert not plt.fignum_exists(figure.number)  # closed on failure too
+
+
 @pytest.fixture(scope="module")
 def workspace(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A user's folder: the competition with its decoded cache, a finished run with its report, a

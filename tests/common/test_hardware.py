@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from malaria.common import hardware
 
@@ -46,16 +47,32 @@ def test_a_training_step_of_the_default_network_costs_about_one_gflop_an_image_a
     assert hardware.training_gflop_per_image(net, 32) == pytest.approx(at_64 / 4, rel=0.02)
 
 
+PIXELS = 16 * 16
+POINTWISE, DEPTHWISE = 2 * PIXELS * 8 * 3, 2 * PIXELS * 8 * 9  # the forward FLOP of each layer below
+
+
+def pointwise_then_depthwise() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1, bias=False),
+                               torch.nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False))
+
+
 def test_a_depthwise_convolution_counts_its_weight_gradient_once() -> None:
     """Pointwise then depthwise, 8 channels: each backward product costs what its forward did, and the
     first layer (whose input needs no gradient) has only its weight's. torch 2.14 alone counts the
     depthwise weight gradient 8 times over."""
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1, bias=False),
-                              torch.nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False))
-    pixels = 16 * 16
-    pointwise, depthwise = 2 * pixels * 8 * 3, 2 * pixels * 8 * 9
-    expected = 2 * pointwise + 3 * depthwise
-    assert hardware.training_gflop_per_image(net, 16) * 1e9 == pytest.approx(expected)
+    expected = 2 * POINTWISE + 3 * DEPTHWISE
+    assert hardware.training_gflop_per_image(pointwise_then_depthwise(), 16) * 1e9 == pytest.approx(expected)
+
+
+def test_the_fix_applies_only_while_torch_overcounts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guard reads torch's own count; once torch counts right, its count is used as it is."""
+    net = pointwise_then_depthwise()
+    with FlopCounterMode(display=False) as counter:
+        net(torch.randn(1, 3, 16, 16)).sum().backward()
+    own = counter.get_total_flops()
+    assert hardware.torch_overcounts_grouped_convolutions() == (own > 2 * POINTWISE + 3 * DEPTHWISE)
+    monkeypatch.setattr(hardware, "torch_overcounts_grouped_convolutions", lambda: False)
+    assert hardware.training_gflop_per_image(net, 16) * 1e9 == pytest.approx(own)
 
 
 def test_the_matmul_peak_is_a_rate() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -9,6 +10,7 @@ import albumentations as A
 import numpy as np
 import pytest
 import torch
+import yaml
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
@@ -134,3 +136,37 @@ def test_pseudo_labels_for_cells_outside_the_test_set_are_refused(demo_dir: Path
     datamodule.prepare_data()
     with pytest.raises(archive.DataError, match="pseudo.csv: 1 ids are not test cells.*not_a_test_cell.png"):
         datamodule.setup("fit")
+
+
+def test_an_exclusion_list_is_read_as_every_id_csv(demo_dir: Path, tmp_path: Path) -> None:
+    """data.exclude takes `id` for img_name as the label CSV does, refuses what the label CSV refuses
+    (here a repeated id), and names the flag before the file."""
+    whole = MalariaDataModule(data_dir=str(demo_dir), image_size=32, num_workers=0)
+    whole.prepare_data()
+    whole.setup("fit")
+    names = [whole.train_table.ids[r] for r in whole.train_rows[:3]]
+    cases = {"ids.csv": "id\n" + "".join(f" {name} \n" for name in names),
+             "twice.csv": f"img_name\n{names[0]}\n{names[0]}\n"}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+
+    def setup(name: str) -> MalariaDataModule:
+        datamodule = MalariaDataModule(data_dir=str(demo_dir), image_size=32, num_workers=0,
+                                       exclude=str(tmp_path / name))
+        datamodule.setup("fit")
+        return datamodule
+
+    assert set(setup("ids.csv").train_rows) == set(whole.train_rows[3:])
+    with pytest.raises(archive.DataError, match=rf"duplicate ids '{re.escape(names[0])}': line 3 repeats"):
+        setup("twice.csv")
+    with pytest.raises(archive.DataError, match=r"^data\.exclude .*absent\.csv: file not found"):
+        setup("absent.csv")
+
+
+def test_every_recipe_states_its_holdout_split() -> None:
+    """What a run validates on is the recipe's to say, never MalariaDataModule's default: `random`
+    cells or whole `slide`s give figures that do not compare."""
+    recipes = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+    splits = {p.name: yaml.safe_load(p.read_text()).get("data", {}).get("split") for p in recipes
+              if p.name != "kaggle.yaml"}
+    assert len(splits) >= 10 and {name: s for name, s in splits.items() if s not in ("random", "slide")} == {}

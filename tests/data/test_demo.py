@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from malaria.common import errors
 from malaria.data import archive
 from malaria.data.demo import DEMO_FILES, MARKER, MARKER_HEADING, main, make_demo_competition
 
@@ -180,10 +181,10 @@ def test_refuses_a_folder_with_user_files(tmp_path: Path) -> None:
     out = tmp_path / "data"
     out.mkdir()
     (out / "train_labels.csv").write_text("mine\n")
-    with pytest.raises(FileExistsError, match="no malaria.data.demo DEMO.txt"):
+    with pytest.raises(errors.ExistsError, match="no malaria.data.demo DEMO.txt"):
         make_demo_competition(out, 8, 4)
     (out / MARKER).write_text("not ours\n")
-    with pytest.raises(FileExistsError, match="no malaria.data.demo DEMO.txt"):
+    with pytest.raises(errors.ExistsError, match="no malaria.data.demo DEMO.txt"):
         make_demo_competition(out, 8, 4)
     assert (out / "train_labels.csv").read_text() == "mine\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]

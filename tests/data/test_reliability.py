@@ -261,12 +261,12 @@ FAILING = [
     ),
     pytest.param(
         lambda f: write_zip(f / "train_data.zip", {}),
-        Fails("train_data.zip", "holds no PNG images"),
+        Fails("train_data.zip", "holds no PNG or JPEG images"),
         id="zip with zero members -> error",
     ),
     pytest.param(
         lambda f: write_zip(f / "train_data.zip", {"train/readme.txt": b"hi", "__MACOSX/._a.png": b"x"}),
-        Fails("train_data.zip", "holds no PNG images"),
+        Fails("train_data.zip", "holds no PNG or JPEG images"),
         id="zip with only text and junk -> error",
     ),
     pytest.param(

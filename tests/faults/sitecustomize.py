@@ -1,4 +1,4 @@
-"""A full disk on demand, for child processes (tests/test_atomic.py): with this folder first on
+"""A full disk on demand, for child processes (tests/common/test_atomic.py): with this folder first on
 PYTHONPATH, a process whose working directory holds a file `FULL_DISK` gets ENOSPC when it makes
 durable (fsync) or reserves (posix_fallocate) a file whose path contains that file's text: the
 lowest points every write of the project passes through. Nothing changes without that file."""

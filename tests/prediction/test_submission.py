@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from malaria.common import errors
 from malaria.prediction import submission
 from malaria.prediction.submission import (
     SubmissionError,
@@ -62,7 +63,7 @@ def test_write_sidecar_holds_metadata(tmp_path: Path) -> None:
 @pytest.mark.parametrize("existing", ["run.csv", "run.csv.json"])
 def test_write_refuses_to_overwrite(tmp_path: Path, existing: str) -> None:
     (tmp_path / existing).write_text("keep me")
-    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+    with pytest.raises(errors.ExistsError, match="refusing to overwrite"):  # a user error: one `error:` line
         write_submission(IDS, [0, 0, 0], tmp_path / "run.csv", metadata={"runs": ["r"]})
     assert (tmp_path / existing).read_text() == "keep me"
     assert [p.name for p in tmp_path.iterdir()] == [existing]
@@ -92,10 +93,11 @@ def test_unserialisable_metadata_writes_nothing(tmp_path: Path) -> None:
     ("ids", "labels", "match"),
     [
         (IDS, np.array([0.0, 1.0, 1.0]), "dtype float64"),
-        (IDS, [0, 2, 1], "label 2 for id 'b.png'"),
+        (IDS, [0, 2, 1], r"line 3 \(b\.png\) has label '2'"),  # the line it would be written on
         (IDS, [0, 1], "3 ids but labels of shape"),
         (["a.png", "b.png", "a.png"], [0, 1, 0], "duplicate ids 'a.png'"),
-        (["a.png", "", "c.png"], [0, 1, 0], "id number 2 is empty"),
+        (["a.png", "", "c.png"], [0, 1, 0], "empty img_name on line 3"),
+        (["a.png", None, "c.png"], [0, 1, 0], "id number 2 is None, not a string"),
     ],
 )
 def test_write_rejects_bad_input(tmp_path: Path, ids: list[str], labels: object, match: str) -> None:
@@ -113,14 +115,18 @@ def test_bom_and_crlf_are_tolerated(tmp_path: Path) -> None:
     ("text", "match"),
     [
         ("", "the file is empty"),
-        ("id,label\na.png,1\n", "line 1 is 'id,label'"),
-        ("img_name,label,extra\na.png,1,0\n", "line 1 is 'img_name,label,extra'"),
-        ("img_name,label\na.png,1\nb.png,1,7\n", "not a readable 2-column"),
-        ("img_name,label\na.png,0\nb.png,1.0\nc.png,1\n", "line 3 has label '1.0'"),
-        ("img_name,label\na.png,yes\nb.png,1\nc.png,1\n", "line 2 has label 'yes'"),
-        ("img_name,label\na.png,0\nb.png,1\nc.png,2\n", "line 4 has label '2'"),
-        ("img_name,label\na.png,0\nb.png,\nc.png,1\n", "line 3 has label ''"),
-        ("img_name,label\na.png,0\n\nc.png,1\n", "line 3 has an empty img_name"),
+        ("id,label\na.png,1\n", "expected a header with img_name,label, found 'id,label'"),
+        ("img_name,label,extra\na.png,1,0\n", "found 'img_name,label,extra'"),
+        (" img_name,label\na.png,1\n", "found ' img_name,label'"),
+        ("img_name,label\n", "header but no rows"),
+        ("img_name,label\na.png,1\nb.png,1,7\n", "not a readable CSV (Error tokenizing data"),
+        ("img_name,label\na.png,1,7\n", "Expected 2 fields in line 2, saw 3"),
+        ("img_name,label\na.png,0\nb.png,1.0\nc.png,1\n", "line 3 (b.png) has label '1.0'"),
+        ("img_name,label\na.png,0\nb.png, 1\nc.png,1\n", "line 3 (b.png) has label ' 1'"),
+        ("img_name,label\na.png,yes\nb.png,1\nc.png,1\n", "line 2 (a.png) has label 'yes'"),
+        ("img_name,label\na.png,0\nb.png,1\nc.png,2\n", "line 4 (c.png) has label '2'"),
+        ("img_name,label\na.png,0\nb.png,\nc.png,1\n", "line 3 (b.png) has label ''"),
+        ("img_name,label\na.png,0\n\nc.png,1\n", "empty img_name on line 3"),  # no blank line skipped
         ("img_name,label\na.png,0\nb.png,1\na.png,1\n", "line 4 repeats id 'a.png' from line 2"),
     ],
 )

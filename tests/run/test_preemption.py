@@ -1,6 +1,6 @@
 """Preemption (issue 31): SIGTERM or Ctrl-C mid-epoch saves last.ckpt at that moment, through the atomic
 path, and exits with one line naming the resume command; the resumed run ends with the weights of an
-uninterrupted one, as after kill -9 (tests/test_resume.py, whose tiny recipe and runs these reuse)."""
+uninterrupted one, as after kill -9 (tests/run/test_resume.py, whose tiny recipe and runs these reuse)."""
 
 from __future__ import annotations
 

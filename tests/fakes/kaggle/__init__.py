@@ -1,4 +1,4 @@
-"""A fake `kaggle` client for child processes (tests/test_leaderboard.py): with tests/fakes first on
+"""A fake `kaggle` client for child processes (tests/commands/test_leaderboard.py): with tests/fakes first on
 PYTHONPATH, `import kaggle` gives this `api`, whose server side is `kaggle_fake.json` in the working
 directory: `failures` to answer the next uploads with ("timeout", "lost": accepted but the reply
 timed out, or an HTTP status such as "503"), and `accepted`, the submissions Kaggle holds."""

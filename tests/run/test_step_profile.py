@@ -1,0 +1,33 @@
+"""A training step's time by part, from the operators that Lightning's profiler records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+
+from malaria.data.datamodule import MalariaDataModule
+from malaria.model.classifier import MalariaClassifier
+from malaria.run import step_profile
+
+
+def test_a_profiled_fit_is_summed_by_part_over_its_recorded_steps(demo_dir: Path) -> None:
+    profiler = step_profile.profiler(steps=2, warmup=1)
+    L.Trainer(accelerator="cpu", max_steps=3, profiler=profiler, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0).fit(
+        MalariaClassifier(model_kwargs={"widths": [8, 16]}),
+        datamodule=MalariaDataModule(data_dir=str(demo_dir), image_size=32, batch_size=8, num_workers=0))
+    result = step_profile.parts(profiler.function_events)
+    assert result.steps == 2
+    assert list(result.ms_per_step) == list(step_profile.PARTS)
+    for part in ("convolution", "normalisation", "activation", "optimizer", "augmentation", "data"):
+        assert result.ms_per_step[part] > 0, part
+    record = result.record()
+    assert record["ms_per_step"] == pytest.approx(result.total, abs=0.01)
+    assert sum(p["share"] for p in record["parts"].values()) == pytest.approx(1, abs=1e-3)
+
+
+def test_a_profile_without_a_recorded_step_is_refused() -> None:
+    with pytest.raises(ValueError, match="recorded no training step"):
+        step_profile.parts([])
