@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from malaria.common import errors
-from malaria.common.atomic import replace_file, write_text
+from malaria.common.atomic import replace_file, save_figure, write_text
 from malaria.common.flags import FoldCount, NonNegativeFloat, argument
 from malaria.data import splits
 from malaria.evaluation import slide_map
@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         summary["unadapted"] = figures(per_fold, table, "prob_unadapted")
     run_dirs.write_json(args.runs_dir / f"{name}-cv.json", summary)
     right = pd.Series(classes(table["prob"].to_numpy()) == table["label"].to_numpy(), index=table["img_name"])
-    picture = slide_map.save(
+    picture = save_figure(
         slide_map.draw(datamodule.slide_colours(), set(splits.groups(datamodule.train_table.ids)),
                        by_slide(right)["acc"], title=f"{name}: slides in stain space, out-of-fold accuracy"),
         args.runs_dir / f"{name}-cv-slides.png")

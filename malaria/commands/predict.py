@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from malaria.common import errors
+from malaria.common.atomic import save_figure
 from malaria.common.flags import NonNegativeFloat, argument
 from malaria.data import splits
 from malaria.evaluation import slide_map
@@ -94,7 +95,7 @@ def describe_slides(members: Members, predicted: Predictions, picture: Path, ada
     slides = datamodule.slide_colours()
     for line in slide_map.describe_outside(slide_map.outside(slides, training)):
         print(line)
-    slide_map.save(slide_map.draw(slides, training, title=f"Slides in stain space: {len(training)} with training "
+    save_figure(slide_map.draw(slides, training, title=f"Slides in stain space: {len(training)} with training "
                                                            f"cells, {len(slides) - len(training)} new"), picture)
     print(f"Wrote {picture} (every slide in stain space)")
 

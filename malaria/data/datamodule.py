@@ -140,7 +140,7 @@ class MalariaDataModule(L.LightningDataModule):
         image_size: PositiveInt | None = 64,
         val_fraction: Fraction = 0.2,
         fold: NonNegativeInt = 0,
-        split: splits.Split = "slide",
+        split: splits.Split = "random",
         train_cells: PositiveInt | None = None,
         exclude: str | None = None,
         pseudo_labels: str | None = None,

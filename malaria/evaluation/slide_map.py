@@ -10,7 +10,6 @@ training slides' range is named: the network has seen no cell stained like it.
 from __future__ import annotations
 
 from collections.abc import Collection
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,7 +17,6 @@ from matplotlib.figure import Figure
 from scipy.stats import chi2
 from sklearn.covariance import MinCovDet
 
-from malaria.common.atomic import replace_file
 from malaria.data.colour import STAIN_COLUMNS
 
 # A slide further from the training slides than 99% of a normal fitted to them lies outside their range.
@@ -88,8 +86,3 @@ def draw(slides: pd.DataFrame, training: Collection[str], accuracy: pd.Series | 
     ax.legend(loc="best", fontsize=8)
     figure.tight_layout()
     return figure
-
-
-def save(figure: Figure, path: Path) -> Path:
-    replace_file(path, lambda f: figure.savefig(f, format="png", dpi=110), binary=True)
-    return path

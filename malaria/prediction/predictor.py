@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import lightning as L
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from malaria.common import errors, quiet  # noqa: F401 (quiet: silences Lightning's noise on import)
@@ -56,6 +57,9 @@ def load(checkpoint: Path, data_dir: str | None = None) -> tuple[MalariaClassifi
     prepared exactly as in training."""
     model = MalariaClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False)
     overrides = {"data_dir": data_dir} if data_dir else {}
+    stored = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    if "split" not in stored.get("datamodule_hyper_parameters", {}):  # saved before data.split existed: slides
+        overrides["split"] = "slide"
     datamodule = MalariaDataModule.load_from_checkpoint(checkpoint, weights_only=False, **overrides)
     return model, datamodule
 
