@@ -135,6 +135,8 @@ class MalariaCLI(LightningCLI):
         parser.add_argument("--runs_dir", type=str, default=str(run_dirs.RUNS_DIR))
         parser.add_argument("--wandb.mode", type=Literal[MODES], default="auto", help="auto: online with a key.")
         parser.add_argument("--wandb.project", type=str, default="malaria")
+        parser.add_argument("--wandb.group", type=str | None, default=None,
+                            help="W&B group of the run (a sweep groups its trials under the study's name).")
         parser.add_argument("--entry_point", type=str | None, default=None,
                             help="The only entry point this recipe runs under (train, features); null: any.")
         parser.add_dataclass_arguments(Infrastructure, "infrastructure")
@@ -188,7 +190,8 @@ class MalariaCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         config = self.run_config
-        loggers = make_loggers(self.run_dir, config.run, config.wandb.mode, config.wandb.project)
+        wandb = config.wandb
+        loggers = make_loggers(self.run_dir, config.run, wandb.mode, wandb.project, wandb.group)
         init = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer = init.get("trainer") or {}
         infrastructure: Infrastructure = init["infrastructure"]
