@@ -1,14 +1,17 @@
 """`make sweep`: spaces checked before any trial, a study that survives a kill and continues, two
-workers sharing one store, pruning by epoch, and a report whose best.yaml trains.
+workers sharing one store, trials scored as `make predict` would submit them, pruning by epoch, and
+a report whose best.yaml trains.
 
 Every trial is TINY (conftest) on the demo competition, over a small space of its own."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -17,12 +20,12 @@ import pytest
 import yaml
 from filelock import FileLock
 from optuna.distributions import CategoricalDistribution, FloatDistribution
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from malaria.common import errors
 from malaria.run import run_dirs as runs
 from malaria.run import search_space
-from malaria.commands import sweep
+from malaria.commands import holdout, sweep
 from malaria.commands import train
 
 from runner import REPO, run_commands
@@ -42,8 +45,9 @@ def sweep_args(tmp_path: Path, demo_dir: Path, *extra: str, space: str = SPACE) 
             "--data.data_dir", str(demo_dir), *extra]
 
 
-def load(tmp_path: Path, study: str) -> optuna.Study:
-    return optuna.load_study(study_name=study, storage=f"sqlite:///{tmp_path}/runs/sweeps/{study}/study.db")
+def load(tmp_path: Path, study: str, storage: str | None = None) -> optuna.Study:
+    storage = storage or f"sqlite:///{tmp_path}/runs/sweeps/{study}/study.db"
+    return optuna.load_study(study_name=study, storage=storage)
 
 
 def test_the_shipped_space_searches_what_the_default_recipe_accepts() -> None:
@@ -74,6 +78,14 @@ def test_a_bad_space_is_one_error_naming_the_key_before_any_trial(demo_dir: Path
 def test_a_report_of_a_study_that_does_not_exist_says_so(tmp_path: Path) -> None:
     with pytest.raises(errors.MissingError, match="No study nope"):
         sweep.main(["--trials", "0", "--study", "nope", "--runs_dir", str(tmp_path)])
+
+
+def test_a_study_continues_after_the_code_gained_a_flag_but_not_after_a_changed_value() -> None:
+    recorded = {"model": {"lr": 0.003}, "wandb": {"mode": "auto"}}
+    assert sweep.same_recipe(recorded, {"model": {"lr": 0.003}, "wandb": {"mode": "auto", "group": None}})
+    assert not sweep.same_recipe(recorded, {"model": {"lr": 0.003}, "wandb": {"mode": "auto", "group": "g"}})
+    assert not sweep.same_recipe(recorded, {"model": {"lr": 0.01}, "wandb": {"mode": "auto"}})
+    assert not sweep.same_recipe(recorded, {"model": {}, "wandb": {"mode": "auto"}})  # a value gone
 
 
 def test_trials_draw_from_their_own_seed_so_a_study_reproduces_and_a_rerun_never_repeats() -> None:
@@ -116,16 +128,19 @@ def test_sweep_ranks_trials_draws_figures_writes_a_best_recipe_that_trains_and_c
     args = sweep_args(tmp_path, demo_dir, "--study", "s")
     table = sweep.main([*args, "--trials", "3"])
     assert table["rank"].tolist() == [1, 2, 3] and set(table["state"]) == {"complete"}
-    assert table["val_acc"].is_monotonic_decreasing and table["epochs"].eq(1).all()
+    assert table["submission_acc"].is_monotonic_decreasing and table["epochs"].eq(1).all()
     study_dir = tmp_path / "runs" / "sweeps" / "s"
     saved = pd.read_csv(study_dir / "trials.csv")
     assert saved["trial"].tolist() == table["trial"].tolist()
-    assert {"model.lr", "model.model_kwargs.drop_rate", "data.image_size", "minutes", "run"} <= set(saved.columns)
+    assert {"model.lr", "model.model_kwargs.drop_rate", "data.image_size", "minutes", "run", "submission_acc",
+            "images_acc"} <= set(saved.columns)
     for figure in ("history.png", "importances.png"):
         assert (study_dir / figure).read_bytes()[:4] == b"\x89PNG"
-    for row in table.itertuples():  # each trial an ordinary run, scored by its best val/acc
-        summary = runs.read_summary(tmp_path / "runs" / row.run)
-        assert row.run == f"s-trial{row.trial}" and summary["best_val_acc"] == pytest.approx(row.val_acc)
+    for row in table.itertuples():  # each an ordinary run, scored as `make holdout` scores its submission
+        run = tmp_path / "runs" / row.run
+        scores = holdout.score_runs([run]).set_index(["tta", "prior"])["acc"]
+        assert row.run == f"s-trial{row.trial}" and row.submission_acc == pytest.approx(scores[False, True])
+        assert runs.read_summary(run)["best_val_acc"] == pytest.approx(row.images_acc)  # the images alone
     assert "make train CONFIG=" in capsys.readouterr().out
 
     best_yaml = study_dir / "best.yaml"
@@ -144,6 +159,34 @@ def test_sweep_ranks_trials_draws_figures_writes_a_best_recipe_that_trains_and_c
     assert len(report) == 4 and not (tmp_path / "runs" / "s-trial4").exists()
     with pytest.raises(errors.ConfigError, match="Study s was started with another recipe"):
         sweep.main([*args, "--trials", "5", "--trainer.max_epochs", "2"])
+    with pytest.raises(errors.ConfigError, match="Study s scores its trials by the holdout accuracy of what "
+                                                 "make predict submits.*--objective submission"):
+        sweep.main([*args, "--trials", "5", "--objective", "images"])
+
+
+def start_worker(args: list[str], cwd: Path, logs: Path) -> subprocess.Popen:
+    """`make sweep` as a process of its own (to be killed, or to run beside another), output in `logs`."""
+    logs.mkdir(parents=True, exist_ok=True)
+    with (logs / "out").open("a") as out, (logs / "err").open("a") as err:
+        return subprocess.Popen([sys.executable, "-m", "malaria.commands.sweep", *args], cwd=cwd, stdout=out,
+                                stderr=err, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def stop_mid_trial(worker: subprocess.Popen, running: Callable[[], list[FrozenTrial]],
+                   which: Callable[[FrozenTrial], bool], stop: signal.Signals = signal.SIGKILL) -> int | None:
+    """Polls the study's running trials until one that `which` picks has finished an epoch, then sends
+    `stop` to the worker; that trial's number, or None if the worker ended first."""
+    deadline = time.time() + 300
+    while time.time() < deadline and worker.poll() is None:
+        time.sleep(0.2)
+        try:
+            mid_way = [t.number for t in running() if t.intermediate_values and which(t)]
+        except KeyError:  # no study yet
+            continue
+        if mid_way:
+            worker.send_signal(stop)  # SIGKILL: no handler runs, the heartbeat just stops; SIGINT: Ctrl-C
+            return mid_way[0]
+    return None
 
 
 @pytest.mark.slow  # trials, and for some a second Python process
@@ -151,27 +194,19 @@ def test_sweep_ranks_trials_draws_figures_writes_a_best_recipe_that_trains_and_c
 def test_a_stopped_sweep_continues_where_it_stopped(demo_dir: Path, tmp_path: Path, stop: signal.Signals) -> None:
     args = sweep_args(tmp_path, demo_dir, "--study", "k", "--trials", "2", "--heartbeat", "1",
                       "--trainer.max_epochs", "12")  # long enough for the poller to catch trial 1 mid-way
-    out, err = tmp_path / "worker.out", tmp_path / "worker.err"
-    with out.open("w") as stdout, err.open("w") as stderr:
-        worker = subprocess.Popen([sys.executable, "-m", "malaria.commands.sweep", *args], cwd=REPO, stdout=stdout,
-                                  stderr=stderr)
+    worker = start_worker(args, REPO, tmp_path / "worker")
     db = tmp_path / "runs" / "sweeps" / "k" / "study.db"
-    stopped, deadline = None, time.time() + 300
+
+    def running() -> list[FrozenTrial]:
+        with FileLock(f"{db}.lock"):  # as the worker creates the store's tables
+            return load(tmp_path, "k").get_trials(states=(TrialState.RUNNING,))
+
     try:
-        while stopped is None and time.time() < deadline and worker.poll() is None:
-            time.sleep(0.5)
-            try:
-                with FileLock(f"{db}.lock"):  # as the worker creates the store's tables
-                    trials = load(tmp_path, "k").get_trials(states=(TrialState.RUNNING,))
-            except KeyError:  # no study yet
-                continue
-            mid_way = [t.number for t in trials if t.number >= 1 and t.intermediate_values]  # 2nd trial
-            if mid_way:
-                stopped = mid_way[0]
-                worker.send_signal(stop)  # SIGKILL: no handler runs; SIGINT: Ctrl-C
+        stopped = stop_mid_trial(worker, running, lambda t: t.number >= 1, stop)  # the 2nd trial
         worker.wait(timeout=120)
     finally:
         worker.kill()
+    out, err = tmp_path / "worker" / "out", tmp_path / "worker" / "err"
     assert stopped is not None, err.read_text()[-3000:]
     if stop == signal.SIGINT:  # the worker reports and says how to go on
         assert worker.returncode == 130 and "rerun the same command to continue" in out.read_text()
@@ -189,20 +224,36 @@ def test_a_stopped_sweep_continues_where_it_stopped(demo_dir: Path, tmp_path: Pa
     assert table.loc[stopped, "state"] == "fail" and table.loc[stopped, "rank"] == 3
 
 
+def assert_shared_without_loss(study: optuna.Study, runs_dir: Path, trials: int) -> None:
+    """Every trial of the study complete, each an ordinary run of its own, from both workers, no proposal
+    drawn twice, and at most one trial beyond `trials` (a worker finishes the trial it started)."""
+    done = study.trials
+    assert all(t.state == TrialState.COMPLETE for t in done)
+    assert trials <= len(done) <= trials + 1
+    assert len({t.user_attrs["worker"] for t in done}) == 2  # both workers ran trials
+    assert len({tuple(t.params.values()) for t in done}) == len(done)
+    folders = {p.name for p in runs_dir.glob(f"{study.study_name}-trial*")}
+    assert folders == {t.user_attrs["run"] for t in done}
+    for t in done:
+        assert t.user_attrs["run"] == f"{study.study_name}-trial{t.number}"
+        summary = runs.read_summary(runs_dir / t.user_attrs["run"])
+        assert summary["best_val_acc"] == pytest.approx(t.user_attrs["images_acc"])
+
+
+def two_workers(args: list[str], cwd: Path, logs: Path) -> None:
+    """The same `make sweep` twice, started together in `cwd`; both must end well."""
+    results = run_commands([("malaria.commands.sweep", args, cwd)] * 2, logs, parallel=2)
+    assert [r.returncode for r in results] == [0, 0], results[0].stderr[-3000:] + results[1].stderr[-3000:]
+
+
 @pytest.mark.slow  # trials, and for some a second Python process
 def test_two_workers_share_one_study_without_losing_or_repeating_a_trial(demo_dir: Path, tmp_path: Path) -> None:
-    args = sweep_args(tmp_path, demo_dir, "--study", "w", "--trials", "4")
-    results = run_commands([("malaria.commands.sweep", args, REPO)] * 2, tmp_path / "logs", parallel=2)
-    assert [r.returncode for r in results] == [0, 0], results[0].stderr[-3000:] + results[1].stderr[-3000:]
-    trials = load(tmp_path, "w").trials
-    assert all(t.state == TrialState.COMPLETE for t in trials)
-    assert 4 <= len(trials) <= 5  # a worker finishes the trial it started: at most one over
-    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers ran trials
-    assert len({tuple(t.params.values()) for t in trials}) == len(trials)  # no proposal drawn twice
-    run_dirs = {p.name for p in (tmp_path / "runs").glob("w-trial*")}
-    assert run_dirs == {f"w-trial{t.number}" for t in trials}  # one run per trial: none lost, none twice
-    for t in trials:
-        assert runs.read_summary(tmp_path / "runs" / f"w-trial{t.number}")["best_val_acc"] == pytest.approx(t.value)
+    # Scored on the images alone (--objective images): each trial's score is its run's best val/acc.
+    args = sweep_args(tmp_path, demo_dir, "--study", "w", "--trials", "4", "--objective", "images")
+    two_workers(args, REPO, tmp_path / "logs")
+    study = load(tmp_path, "w")
+    assert_shared_without_loss(study, tmp_path / "runs", 4)
+    assert all(t.value == t.user_attrs["images_acc"] for t in study.trials)
 
 
 @pytest.mark.slow  # a W&B service start-up
