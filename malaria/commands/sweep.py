@@ -14,10 +14,11 @@ in this process on one device, without its report (`make report RUN=` builds one
 `--trial_minutes` and what is left of `--budget`. Its score (`--objective submission`) is what
 `make predict` would submit from it, measured on the holdout: its best checkpoint, TTA as the recipe
 predicts, the slide prior on with the training side's labels; `--objective images` scores its best
-`val/acc`, the images alone. Both are recorded. Unpromising trials are stopped after an epoch on
-the same figure per epoch (`val/acc_prior` or `val/acc`; median rule). The holdout is the recipe's,
-or a slide-grouped one with `--data.split slide` (new patients: there the prior does nothing); never
-test labels. W&B groups the trials under the study's name.
+`val/acc`, the images alone. Both are recorded. `--pruner` stops unpromising trials after an epoch
+on the same figure per epoch (`val/acc_prior` or `val/acc`): median rule, successive halving or
+Hyperband, epochs being the resource. The holdout is the recipe's, or a slide-grouped one with
+`--data.split slide` (new patients: there the prior does nothing); never test labels. W&B groups the
+trials under the study's name.
 
 When the sweep stops, or with `--trials 0` (report only): the ranked table of trials
 (`trials.csv`), the optimisation history and parameter importances (`history.png`,
@@ -82,6 +83,7 @@ OBJECTIVES = {
 }
 COLUMN = {"submission": "submission_acc", "images": "images_acc"}  # its column in the ranked table
 PER_EPOCH = {"submission": PRIOR_METRIC, "images": "val/acc"}  # what pruning watches after each epoch
+PRUNERS = ("median", "halving", "hyperband")
 # Set for every trial: one device (parallelism comes from workers, and a DDP launch would rerun
 # this whole sweep in each rank), and no report. Training overrides come after, so they win.
 TRIAL_DEFAULTS = ["--trainer.devices", "1", "--infrastructure.report", "false"]
@@ -192,14 +194,27 @@ def make_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
                                   "and the URL right?") from None
 
 
-def open_study(name: str, storage: optuna.storages.BaseStorage, seed: int) -> optuna.Study:
+def make_pruner(kind: str, max_epochs: int | None) -> optuna.pruners.BasePruner:
+    """Epochs are the resource: a trial reports its holdout figure after each one (step = epoch - 1).
+
+    median: stop a trial below the median of the earlier trials at the same epoch (not after its first
+    epoch, nor before three trials gave a median). halving: asynchronous successive halving, rungs at
+    epochs 2, 4, 10, 28...: a trial goes on past a rung only in the top third of the trials that reached
+    it. hyperband: halving schedules side by side whose first rungs come later and later, up to the
+    recipe's epochs, so a trial that starts slowly has a chance too."""
+    if kind == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    if kind == "hyperband":
+        last = max_epochs if max_epochs and max_epochs > 0 else "auto"  # -1: until max_steps
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=last, reduction_factor=3)
+    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+
+
+def open_study(name: str, storage: optuna.storages.BaseStorage, seed: int,
+               pruner: optuna.pruners.BasePruner) -> optuna.Study:
     """The study `name`, created by the first worker to come and joined by the others."""
-    return optuna.create_study(
-        study_name=name, storage=storage, direction="maximize", load_if_exists=True,
-        sampler=TrialSeededTPE(seed),
-        # No pruning on the first epoch (warm-up), nor before three trials give a median.
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
-    )
+    return optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
+                               sampler=TrialSeededTPE(seed), pruner=pruner)
 
 
 def same_recipe(recorded: Any, current: Any) -> bool:
@@ -427,6 +442,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="RDB URL or journal file path (default: sqlite under runs/sweeps/<study>/)")
     parser.add_argument("--objective", choices=OBJECTIVES, default="submission",
                         help="a trial's score: " + "; ".join(f"{k}: {v}" for k, v in OBJECTIVES.items()))
+    parser.add_argument("--pruner", choices=PRUNERS, default="median",
+                        help="stop unpromising trials by epoch: median rule, successive halving or Hyperband")
     parser.add_argument("--seed", type=int, default=42, help="sampler seed (trial n draws from seed + n)")
     parser.add_argument("--heartbeat", type=argument(PositiveInt), default=10,
                         help="seconds between a running trial's heartbeats; silent for 3 of them: failed")
@@ -467,7 +484,8 @@ def run_sweep(args: argparse.Namespace, overrides: list[str]) -> pd.DataFrame:
         raise errors.ConfigError("A sweep scores trials on the holdout: data.val_fraction must be above 0.")
     if args.default_storage:  # the one store that lives in the study's folder
         args.study_dir.mkdir(parents=True, exist_ok=True)
-    study = open_study(args.study, make_storage(args.storage, args.heartbeat), args.seed)
+    pruner = make_pruner(args.pruner, recipe.base["trainer.max_epochs"])
+    study = open_study(args.study, make_storage(args.storage, args.heartbeat), args.seed, pruner)
     new = not study.user_attrs
     check_same_sweep(study, {
         "config": args.config, "overrides": overrides, "space_file": str(args.space),

@@ -72,6 +72,7 @@ BAD_FLAGS: list[tuple[list[str], list[str]]] = [
     (["sweep", "TRIALS=-1"], ["--trials", "-1"]),
     (["sweep", "BUDGET=0"], ["--budget", "0"]),
     (["sweep", "TRIAL_MINUTES=-5"], ["--trial_minutes", "-5"]),
+    (["sweep", "PRUNER=sometimes"], ["--pruner", "sometimes"]),
     (["sweep", "ARGS=--objective leaderboard"], ["--objective", "leaderboard"]),
     (["sweep", "STORAGE=nosuch://x/y"], ["--storage", "nosuch://x/y"]),
     (["score", "FILE=taken.csv taken.csv", "ARGS=--shared_errors taken.csv"], ["--shared_errors", "taken.csv"]),

@@ -1,6 +1,6 @@
 """`make sweep`: spaces checked before any trial, a study that survives a kill and continues, two
-workers sharing one store, trials scored as `make predict` would submit them, pruning by epoch, and
-a report whose best.yaml trains.
+workers sharing one store, trials scored as `make predict` would submit them, pruning by epoch
+(median rule, successive halving, Hyperband), and a report whose best.yaml trains.
 
 Every trial is TINY (conftest) on the demo competition, over a small space of its own."""
 
@@ -285,6 +285,52 @@ def test_a_trial_below_the_median_is_pruned_by_epoch_and_logged_in_the_study_gro
     (log,) = run.glob("wandb/offline-run-*-p-trial3/run-p-trial3.wandb")
     (record,) = [r.run for r in read_wandb_log(log) if r.WhichOneof("record_type") == "run"]
     assert (record.run_id, record.run_group) == ("p-trial3", "p")
+
+
+@pytest.mark.slow  # a trial
+def test_successive_halving_stops_a_trial_at_its_first_rung_where_the_median_rule_would_wait(
+        demo_dir: Path, tmp_path: Path) -> None:
+    args = sweep_args(tmp_path, demo_dir, "--study", "h", "--trials", "3", "--trainer.max_epochs", "4",
+                      "--pruner", "halving")
+    space = search_space.load(tmp_path / "space.yaml")
+    (tmp_path / "runs" / "sweeps" / "h").mkdir(parents=True)
+    study = optuna.create_study(study_name="h", direction="maximize", pruner=sweep.make_pruner("halving", 4),
+                                storage=f"sqlite:///{tmp_path}/runs/sweeps/h/study.db")
+
+    def unbeatable(trial: optuna.Trial) -> float:  # reports through the pruner, as a worker's trial does
+        for key, dist in space.items():
+            search_space.suggest(trial, key, dist)
+        for epoch in range(4):
+            trial.report(2.0, epoch)
+            trial.should_prune()
+        return 2.0
+
+    study.optimize(unbeatable, n_trials=2)  # two trials: too few for the median rule (three)
+    sweep.main(args)
+    trial = load(tmp_path, "h").trials[2]
+    assert trial.state == TrialState.PRUNED and sorted(trial.intermediate_values) == [0, 1]  # after epoch 2
+
+
+def test_hyperband_runs_only_the_promising_trials_to_the_recipes_last_epoch() -> None:
+    """Epochs as the resource: brackets whose first rungs are epochs 2 and 4 (steps 1 and 3) of 9; the third
+    bracket's would be epoch 10, past the recipe's end, so its trials all run to the end."""
+    study = optuna.create_study(direction="maximize", pruner=sweep.make_pruner("hyperband", 9),
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def objective(trial: optuna.Trial) -> float:  # a learning curve that climbs to the trial's quality
+        quality = trial.suggest_float("quality", 0, 1)
+        for epoch in range(9):
+            trial.report(quality * (epoch + 1) / 9, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return quality
+
+    study.optimize(objective, n_trials=40)
+    pruned = study.get_trials(states=(TrialState.PRUNED,))
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert {t.last_step for t in pruned} == {1, 3} and {t.last_step for t in complete} == {8}
+    assert len(pruned) > len(complete) / 2
+    assert max(t.params["quality"] for t in complete) > max(t.params["quality"] for t in pruned)
 
 
 def test_the_budget_bounds_the_sweep_and_cuts_its_last_trial_short(demo_dir: Path, tmp_path: Path) -> None:
