@@ -4,10 +4,10 @@
 An Optuna study in a real store, SQLite under `runs/sweeps/<study>/study.db` unless `--storage`
 names another (any RDB URL such as `postgresql://...`, or a file path: Optuna's JournalStorage).
 Rerunning the same command continues the study: finished trials are kept, and a trial whose
-process died (its heartbeat stopped, RDB stores only) is marked failed and not counted.
-`--trials` is the number of results (complete or pruned trials) the study should hold, so a rerun
-runs only the rest. Several workers (processes, machines) pointing at one store share its trials;
-each finishes the trial it started, so the study may end up to (workers - 1) trials over.
+process died (its heartbeat stopped, RDB stores only) is marked failed, not counted, and proposed
+once more. `--trials` is the number of results (complete or pruned trials) the study should hold, so
+a rerun runs only the rest. Several workers (processes, machines) pointing at one store share its
+trials; each finishes the trial it started, so the study may end up to (workers - 1) trials over.
 
 Each trial is an ordinary run, `runs/<study>-trial<n>/` (checkpoints, metrics, config), trained
 in this process on one device, without its report (`make report RUN=` builds one), limited by
@@ -20,10 +20,10 @@ Hyperband, epochs being the resource. The holdout is the recipe's, or a slide-gr
 `--data.split slide` (new patients: there the prior does nothing); never test labels. W&B groups the
 trials under the study's name.
 
-When the sweep stops, or with `--trials 0` (report only): the ranked table of trials
-(`trials.csv`), the optimisation history and parameter importances (`history.png`,
-`importances.png`) and the best trial's complete recipe, `best.yaml`, for
-`make train CONFIG=runs/sweeps/<study>/best.yaml`.
+When the sweep stops, or with `--trials 0` (report only, from the store alone): the ranked table of
+trials (`trials.csv`), the optimisation history and parameter importances (`history.png`,
+`importances.png`), the resolved recipe the trials started from (`recipe.yaml`) and the best trial's
+complete recipe, `best.yaml`, for `make train CONFIG=runs/sweeps/<study>/best.yaml`.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
 from filelock import FileLock  # noqa: E402
 from lightning.pytorch import LightningModule, Trainer  # noqa: E402
 from optuna.distributions import distribution_to_json  # noqa: E402
@@ -73,6 +74,7 @@ from malaria.run.prior_accuracy import PriorAccuracy  # noqa: E402
 # Trials are built from argument lists on purpose, and the heartbeat is chosen knowingly.
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
 warnings.filterwarnings("ignore", message="Argument ``(heartbeat_interval|grace_period)`` is an experimental")
+warnings.filterwarnings("ignore", message="RetryHeartbeatStaleTrialCallback is experimental")
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # the trials that are results
 # A trial's score (--objective): what `make predict` would submit from it, or its images alone.
@@ -176,17 +178,23 @@ def storage_url(text: str) -> str:
 
 def make_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
     """An RDB store for a URL (SQLite, PostgreSQL, MySQL...) with a heartbeat, so that a trial whose
-    process died is failed; Optuna's journal file for a plain path (no heartbeat there)."""
+    process died is failed and proposed once more; Optuna's journal file for a plain path (no heartbeat
+    there)."""
     if "://" not in url:
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
-    # SQLite locks the whole file per write: with several local workers, wait for it, don't fail.
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    sqlite = url.startswith("sqlite")
+    # SQLite locks the whole file per write: with several local workers, wait for it, don't fail. A
+    # server's connections can be dropped between a long trial's writes: test each before use.
+    engine = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
     # Two local workers starting together would both create the tables of a new SQLite file.
     lock = FileLock(url.removeprefix("sqlite:///") + ".lock") if url.startswith("sqlite:///") else nullcontext()
     try:
         with lock:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat,
-                                              grace_period=3 * heartbeat)
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
+                # Once: a trial whose parameters kill its worker every time (out of memory) is not retried
+                # forever.
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
     except OperationalError as err:
         reason = str(err.orig or err).strip().splitlines()[0]
         shown = make_url(url).render_as_string(hide_password=True)
@@ -393,8 +401,19 @@ def save_figure(axes: Any, path: Path) -> None:
     plt.close(figure)
 
 
+def recorded_recipe(study: optuna.Study, study_dir: Path) -> search_space.RecipeParser | None:
+    """The resolved recipe the study's trials started from, as the store recorded it, written to
+    recipe.yaml: best.yaml then needs no recipe file, and a later edit of one changes nothing here."""
+    recipe = study.user_attrs.get("recipe")
+    if not recipe:  # a study begun outside `make sweep`
+        return None
+    path = study_dir / "recipe.yaml"
+    write_text(path, yaml.safe_dump(recipe, sort_keys=False))
+    return search_space.RecipeParser(str(path), [])
+
+
 def report(study: optuna.Study, study_dir: Path) -> pd.DataFrame:
-    """The ranked table (printed, trials.csv), the two figures and best.yaml, from the store."""
+    """The ranked table (printed, trials.csv), the two figures and best.yaml, from the store alone."""
     from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances
 
     column = COLUMN[objective_of(study)]
@@ -412,11 +431,9 @@ def report(study: optuna.Study, study_dir: Path) -> pd.DataFrame:
             save_figure(plot_param_importances(study, target_name=column), study_dir / "importances.png")
         else:
             print("Parameter importances need two complete trials.")
-    recorded = study.user_attrs
-    recipe = (search_space.RecipeParser(recorded["config"], recorded["overrides"])
-              if recorded.get("config") else None)
+    recipe = recorded_recipe(study, study_dir)
     if complete and recipe is not None:
-        best = study.best_trial
+        best, recorded = study.best_trial, study.user_attrs
         header = (f"# Best trial {best.number} of study {study.study_name}: {column} {best.value:.4f} "
                   f"(run {best.user_attrs.get('run')}).\n# {recorded.get('config')} "
                   f"{' '.join(recorded.get('overrides', []))} with {best.params}\n")

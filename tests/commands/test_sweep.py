@@ -1,6 +1,7 @@
 """`make sweep`: spaces checked before any trial, a study that survives a kill and continues, two
-workers sharing one store, trials scored as `make predict` would submit them, pruning by epoch
-(median rule, successive halving, Hyperband), and a report whose best.yaml trains.
+workers sharing one store (an SQLite file, and a real PostgreSQL server: conftest's `postgres_url`),
+trials scored as `make predict` would submit them, pruning by epoch (median rule, successive halving,
+Hyperband), and a report, rebuilt from the store alone anywhere, whose best.yaml trains.
 
 Every trial is TINY (conftest) on the demo competition, over a small space of its own."""
 
@@ -30,6 +31,8 @@ from malaria.commands import train
 
 from runner import REPO, run_commands
 from conftest import TINY, read_wandb_log
+
+RETRY = optuna.storages.RetryHeartbeatStaleTrialCallback
 
 SPACE = """
 model.lr: {low: 1.0e-3, high: 1.0e-2, log: true}
@@ -172,6 +175,15 @@ def start_worker(args: list[str], cwd: Path, logs: Path) -> subprocess.Popen:
                                 stderr=err, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
+def finish(workers: list[subprocess.Popen], timeout: float = 300) -> list[int]:
+    """The workers' exit statuses; one still running after `timeout` is killed."""
+    try:
+        return [worker.wait(timeout=timeout) for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+
+
 def stop_mid_trial(worker: subprocess.Popen, running: Callable[[], list[FrozenTrial]],
                    which: Callable[[FrozenTrial], bool], stop: signal.Signals = signal.SIGKILL) -> int | None:
     """Polls the study's running trials until one that `which` picks has finished an epoch, then sends
@@ -222,6 +234,10 @@ def test_a_stopped_sweep_continues_where_it_stopped(demo_dir: Path, tmp_path: Pa
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2 and len(study.trials) == 3
     assert study.trials[0].datetime_complete == finished.datetime_complete  # kept, not rerun
     assert table.loc[stopped, "state"] == "fail" and table.loc[stopped, "rank"] == 3
+    # A killed trial (its heartbeat stopped) is proposed once more; Ctrl-C is the user's own choice.
+    retried = RETRY.retried_trial_number(study.trials[2]) == stopped
+    assert retried == (stop == signal.SIGKILL)
+    assert (study.trials[2].params == study.trials[stopped].params) == retried
 
 
 def assert_shared_without_loss(study: optuna.Study, runs_dir: Path, trials: int) -> None:
@@ -254,6 +270,62 @@ def test_two_workers_share_one_study_without_losing_or_repeating_a_trial(demo_di
     study = load(tmp_path, "w")
     assert_shared_without_loss(study, tmp_path / "runs", 4)
     assert all(t.value == t.user_attrs["images_acc"] for t in study.trials)
+
+
+@pytest.fixture(scope="module")
+def postgres_sweep(demo_dir: Path, postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two workers, started together in one working copy, sharing study `pg` on the PostgreSQL server. The
+    recipe is a file of that copy (`--config recipe.yaml`), so a report elsewhere cannot read it."""
+    copy = tmp_path_factory.mktemp("copy")
+    (copy / "recipe.yaml").write_text((REPO / "configs" / "default.yaml").read_text())
+    two_workers([*sweep_args(copy, demo_dir, "--study", "pg", "--trials", "4", "--storage", postgres_url),
+                 "--config", "recipe.yaml"], copy, copy / "logs")
+    return copy
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study_on_a_postgresql_server(postgres_sweep: Path, postgres_url: str) -> None:
+    study = optuna.load_study(study_name="pg", storage=postgres_url)
+    assert_shared_without_loss(study, postgres_sweep / "runs", 4)
+    assert all(t.value == t.user_attrs["submission_acc"] for t in study.trials)  # the default objective
+
+
+@pytest.mark.slow
+def test_the_report_is_rebuilt_from_the_server_alone_in_another_folder(
+        postgres_sweep: Path, postgres_url: str, tmp_path: Path) -> None:
+    copy = postgres_sweep
+    report_only = ["--study", "pg", "--storage", postgres_url, "--trials", "0"]
+    (result,) = run_commands([("malaria.commands.sweep", report_only, tmp_path)], tmp_path / "logs")
+    assert result.returncode == 0, result.stderr[-3000:]
+    here, there = tmp_path / "runs" / "sweeps" / "pg", copy / "runs" / "sweeps" / "pg"
+    assert pd.read_csv(here / "trials.csv").equals(pd.read_csv(there / "trials.csv"))
+    assert (here / "best.yaml").read_text() == (there / "best.yaml").read_text()  # no recipe file here
+    assert (here / "history.png").exists() and (here / "importances.png").exists()
+    assert not (tmp_path / "runs" / "pg-trial0").exists()  # trial folders stay where they ran
+
+
+@pytest.mark.slow  # trials, in two more Python processes
+def test_a_killed_workers_trial_is_failed_by_its_heartbeat_and_rerun_by_the_other(
+        demo_dir: Path, postgres_url: str, tmp_path: Path) -> None:
+    # Trials of about 4 s, longer than the grace period of 3 s: after the kill the other worker starts a
+    # trial once the grace is over, fails the dead one there and runs it again.
+    args = sweep_args(tmp_path, demo_dir, "--study", "kill", "--trials", "4", "--storage", postgres_url,
+                      "--heartbeat", "1", "--trainer.max_epochs", "4")
+    victim, survivor = [start_worker(args, REPO, tmp_path / f"worker{i}") for i in range(2)]
+    try:
+        killed = stop_mid_trial(
+            victim, lambda: load(tmp_path, "kill", postgres_url).get_trials(states=(TrialState.RUNNING,)),
+            lambda t: t.user_attrs.get("worker", "").endswith(f":{victim.pid}"))
+    finally:
+        victim.kill()
+    assert killed is not None, (tmp_path / "worker0" / "err").read_text()[-3000:]
+    assert finish([survivor]) == [0], (tmp_path / "worker1" / "err").read_text()[-3000:]
+    trials = load(tmp_path, "kill", postgres_url).trials
+    assert trials[killed].state == TrialState.FAIL
+    (rerun,) = [t for t in trials if RETRY.retried_trial_number(t) == killed]
+    assert rerun.state == TrialState.COMPLETE and rerun.params == trials[killed].params
+    assert rerun.user_attrs["worker"].endswith(f":{survivor.pid}")
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) >= 4  # nothing else lost
 
 
 @pytest.mark.slow  # a W&B service start-up
