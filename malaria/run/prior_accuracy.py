@@ -47,8 +47,11 @@ class PriorAccuracy(Callback):
             self.prior = slide_prior(trainer.datamodule, "val", self.strength)
         self.hook = pl_module.register_forward_hook(self._keep)
 
-    def _keep(self, module: LightningModule, inputs: tuple, logits: torch.Tensor) -> None:
-        self.logits.append(logits.detach())
+    def _keep(self, module: LightningModule, inputs: tuple, output: object) -> None:
+        # Under DDP Lightning also calls the module to run validation_step through the DDP wrapper (its
+        # output: the step's, None); only the network's logits are kept.
+        if isinstance(output, torch.Tensor):
+            self.logits.append(output.detach())
 
     def on_validation_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Batch,
                                   batch_idx: int, dataloader_idx: int = 0) -> None:
