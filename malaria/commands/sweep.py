@@ -37,7 +37,6 @@ import socket
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -48,16 +47,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
-from filelock import FileLock  # noqa: E402
 from lightning.pytorch import LightningModule, Trainer  # noqa: E402
 from optuna.distributions import distribution_to_json  # noqa: E402
-from optuna.samplers import BaseSampler, TPESampler  # noqa: E402
-from optuna.trial import FrozenTrial, TrialState  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
 from optuna_integration import PyTorchLightningPruningCallback  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
-from sqlalchemy.exc import ArgumentError, OperationalError  # noqa: E402
 
 from malaria.common import errors  # noqa: E402
 from malaria.common.atomic import replace_file, write_text  # noqa: E402
@@ -70,11 +66,10 @@ from malaria.run.cli import build  # noqa: E402
 from malaria.run.loggers import finish_wandb  # noqa: E402
 from malaria.run.prior_accuracy import METRIC as PRIOR_METRIC  # noqa: E402
 from malaria.run.prior_accuracy import PriorAccuracy  # noqa: E402
+from malaria.run.studies import PRUNERS, make_pruner, make_storage, open_study, storage_url  # noqa: E402
 
-# Trials are built from argument lists on purpose, and the heartbeat is chosen knowingly.
+# Trials are built from argument lists on purpose.
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-warnings.filterwarnings("ignore", message="Argument ``(heartbeat_interval|grace_period)`` is an experimental")
-warnings.filterwarnings("ignore", message="RetryHeartbeatStaleTrialCallback is experimental")
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # the trials that are results
 # A trial's score (--objective): what `make predict` would submit from it, or its images alone.
@@ -85,7 +80,6 @@ OBJECTIVES = {
 }
 COLUMN = {"submission": "submission_acc", "images": "images_acc"}  # its column in the ranked table
 PER_EPOCH = {"submission": PRIOR_METRIC, "images": "val/acc"}  # what pruning watches after each epoch
-PRUNERS = ("median", "halving", "hyperband")
 # Set for every trial: one device (parallelism comes from workers, and a DDP launch would rerun
 # this whole sweep in each rank), and no report. Training overrides come after, so they win.
 TRIAL_DEFAULTS = ["--trainer.devices", "1", "--infrastructure.report", "false"]
@@ -112,36 +106,6 @@ class NoHoldoutScore(RuntimeError):
     """A trial stopped (by its time limit) before its first validation: it has no score."""
 
 
-class TrialSeededTPE(BaseSampler):
-    """TPE whose random stream is seeded by the study's seed plus the trial's number.
-
-    One seeded `TPESampler` per process would repeat its proposals in a rerun and in every worker
-    started together; trial numbers come from the shared store, so each trial gets its own stream,
-    and a study run again from scratch proposes the same trials."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-        self.tpe = TPESampler(seed=seed)
-
-    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.tpe = TPESampler(seed=self.seed + trial.number)
-        self.tpe.before_trial(study, trial)
-
-    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict:
-        return self.tpe.infer_relative_search_space(study, trial)
-
-    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict) -> dict:
-        return self.tpe.sample_relative(study, trial, search_space)
-
-    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
-                           param_distribution: optuna.distributions.BaseDistribution) -> Any:
-        return self.tpe.sample_independent(study, trial, param_name, param_distribution)
-
-    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
-                    values: Sequence[float] | None) -> None:
-        self.tpe.after_trial(study, trial, state, values)
-
-
 class TrialPruning(PyTorchLightningPruningCallback):
     """Optuna's pruning on the objective's figure after every validation. A pruned trial stops by an
     exception, which skips the CLI's `after_fit` and the objective's return: its best images-alone
@@ -156,73 +120,6 @@ class TrialPruning(PyTorchLightningPruningCallback):
         if isinstance(exception, optuna.TrialPruned) and best is not None:
             self.trial.set_user_attr("images_acc", float(best))
         finish_wandb(trainer.loggers)
-
-
-def storage_url(text: str) -> str:
-    """`--storage`: a journal file's path, or a database URL whose dialect and driver are installed, so
-    that a typo or a missing driver ends in the parser, before any folder is made."""
-    if "://" not in text:
-        return text
-    try:
-        url = make_url(text)
-        url.get_dialect().import_dbapi()
-    except ArgumentError as err:  # NoSuchModuleError, an unknown dialect, is one too
-        raise argparse.ArgumentTypeError(f"{text!r} is not a database URL Optuna can use ({err}); e.g. "
-                                         "postgresql://user:password@host/db, or a file path for a journal.")
-    except ImportError as err:
-        raise argparse.ArgumentTypeError(f"{url.render_as_string(hide_password=True)}: its driver is not "
-                                         f"installed ({err}). For PostgreSQL: pip install -e '.[cluster]'."
-                                         ) from None
-    return text
-
-
-def make_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
-    """An RDB store for a URL (SQLite, PostgreSQL, MySQL...) with a heartbeat, so that a trial whose
-    process died is failed and proposed once more; Optuna's journal file for a plain path (no heartbeat
-    there)."""
-    if "://" not in url:
-        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
-    sqlite = url.startswith("sqlite")
-    # SQLite locks the whole file per write: with several local workers, wait for it, don't fail. A
-    # server's connections can be dropped between a long trial's writes: test each before use.
-    engine = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
-    # Two local workers starting together would both create the tables of a new SQLite file.
-    lock = FileLock(url.removeprefix("sqlite:///") + ".lock") if url.startswith("sqlite:///") else nullcontext()
-    try:
-        with lock:
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
-                # Once: a trial whose parameters kill its worker every time (out of memory) is not retried
-                # forever.
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
-    except OperationalError as err:
-        reason = str(err.orig or err).strip().splitlines()[0]
-        shown = make_url(url).render_as_string(hide_password=True)
-        raise errors.MissingError(f"Cannot open the study store {shown}: {reason}. Is the server running, "
-                                  "and the URL right?") from None
-
-
-def make_pruner(kind: str, max_epochs: int | None) -> optuna.pruners.BasePruner:
-    """Epochs are the resource: a trial reports its holdout figure after each one (step = epoch - 1).
-
-    median: stop a trial below the median of the earlier trials at the same epoch (not after its first
-    epoch, nor before three trials gave a median). halving: asynchronous successive halving, rungs at
-    epochs 2, 4, 10, 28...: a trial goes on past a rung only in the top third of the trials that reached
-    it. hyperband: halving schedules side by side whose first rungs come later and later, up to the
-    recipe's epochs, so a trial that starts slowly has a chance too."""
-    if kind == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
-    if kind == "hyperband":
-        last = max_epochs if max_epochs and max_epochs > 0 else "auto"  # -1: until max_steps
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=last, reduction_factor=3)
-    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
-
-
-def open_study(name: str, storage: optuna.storages.BaseStorage, seed: int,
-               pruner: optuna.pruners.BasePruner) -> optuna.Study:
-    """The study `name`, created by the first worker to come and joined by the others."""
-    return optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
-                               sampler=TrialSeededTPE(seed), pruner=pruner)
 
 
 def same_recipe(recorded: Any, current: Any) -> bool:

@@ -25,7 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from malaria.common import errors
 from malaria.run import run_dirs as runs
-from malaria.run import search_space
+from malaria.run import search_space, studies
 from malaria.commands import holdout, sweep
 from malaria.commands import train
 
@@ -89,25 +89,6 @@ def test_a_study_continues_after_the_code_gained_a_flag_but_not_after_a_changed_
     assert not sweep.same_recipe(recorded, {"model": {"lr": 0.003}, "wandb": {"mode": "auto", "group": "g"}})
     assert not sweep.same_recipe(recorded, {"model": {"lr": 0.01}, "wandb": {"mode": "auto"}})
     assert not sweep.same_recipe(recorded, {"model": {}, "wandb": {"mode": "auto"}})  # a value gone
-
-
-def test_trials_draw_from_their_own_seed_so_a_study_reproduces_and_a_rerun_never_repeats() -> None:
-    def objective(trial: optuna.Trial) -> float:
-        return trial.suggest_float("x", 0, 1)
-
-    def study(sampler: optuna.samplers.BaseSampler, n: int, storage=None) -> optuna.Study:
-        study = optuna.create_study(study_name="s", storage=storage, sampler=sampler, load_if_exists=True)
-        study.optimize(objective, n_trials=n)
-        return study
-
-    drawn = [t.params["x"] for t in study(sweep.TrialSeededTPE(7), 12).trials]
-    assert [t.params["x"] for t in study(sweep.TrialSeededTPE(7), 12).trials] == drawn
-    # A rerun (a fresh process: a fresh sampler on the same store) continues with new draws,
-    # where one seeded TPESampler per process would propose the first trials again.
-    storage = optuna.storages.InMemoryStorage()
-    study(sweep.TrialSeededTPE(7), 4, storage)
-    resumed = [t.params["x"] for t in study(sweep.TrialSeededTPE(7), 4, storage).trials]
-    assert resumed[:4] == drawn[:4] and len(set(resumed)) == 8
 
 
 def test_a_new_study_starts_with_the_recipes_own_values_where_the_space_holds_them(capsys) -> None:
@@ -366,7 +347,8 @@ def test_successive_halving_stops_a_trial_at_its_first_rung_where_the_median_rul
                       "--pruner", "halving")
     space = search_space.load(tmp_path / "space.yaml")
     (tmp_path / "runs" / "sweeps" / "h").mkdir(parents=True)
-    study = optuna.create_study(study_name="h", direction="maximize", pruner=sweep.make_pruner("halving", 4),
+    study = optuna.create_study(study_name="h", direction="maximize",
+                                pruner=studies.make_pruner("halving", 4),
                                 storage=f"sqlite:///{tmp_path}/runs/sweeps/h/study.db")
 
     def unbeatable(trial: optuna.Trial) -> float:  # reports through the pruner, as a worker's trial does
@@ -381,28 +363,6 @@ def test_successive_halving_stops_a_trial_at_its_first_rung_where_the_median_rul
     sweep.main(args)
     trial = load(tmp_path, "h").trials[2]
     assert trial.state == TrialState.PRUNED and sorted(trial.intermediate_values) == [0, 1]  # after epoch 2
-
-
-def test_hyperband_runs_only_the_promising_trials_to_the_recipes_last_epoch() -> None:
-    """Epochs as the resource: brackets whose first rungs are epochs 2 and 4 (steps 1 and 3) of 9; the third
-    bracket's would be epoch 10, past the recipe's end, so its trials all run to the end."""
-    study = optuna.create_study(direction="maximize", pruner=sweep.make_pruner("hyperband", 9),
-                                sampler=optuna.samplers.RandomSampler(seed=0))
-
-    def objective(trial: optuna.Trial) -> float:  # a learning curve that climbs to the trial's quality
-        quality = trial.suggest_float("quality", 0, 1)
-        for epoch in range(9):
-            trial.report(quality * (epoch + 1) / 9, epoch)
-            if trial.should_prune():
-                raise optuna.TrialPruned()
-        return quality
-
-    study.optimize(objective, n_trials=40)
-    pruned = study.get_trials(states=(TrialState.PRUNED,))
-    complete = study.get_trials(states=(TrialState.COMPLETE,))
-    assert {t.last_step for t in pruned} == {1, 3} and {t.last_step for t in complete} == {8}
-    assert len(pruned) > len(complete) / 2
-    assert max(t.params["quality"] for t in complete) > max(t.params["quality"] for t in pruned)
 
 
 def test_the_budget_bounds_the_sweep_and_cuts_its_last_trial_short(demo_dir: Path, tmp_path: Path) -> None:
