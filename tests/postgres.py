@@ -40,6 +40,15 @@ def bindir() -> Path:
     raise Unavailable("no PostgreSQL server binaries (initdb, postgres): apt-get install -y postgresql")
 
 
+def create_database(url: str, name: str) -> str:
+    """A new, empty database on the server of `url`; its URL."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    return url.rsplit("/", 1)[0] + f"/{name}"
+
+
 class Server:
     """One running cluster; `url` is what `--storage` takes."""
 

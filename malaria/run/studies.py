@@ -17,9 +17,11 @@ from typing import Any
 import optuna
 from filelock import FileLock
 from optuna.samplers import BaseSampler, TPESampler
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, ProgrammingError
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random
 
 from malaria.common import errors
 
@@ -91,13 +93,19 @@ def make_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
     # Two local workers starting together would both create the tables of a new SQLite file.
     sqlite_file = url.startswith("sqlite:///")
     lock = FileLock(url.removeprefix("sqlite:///") + ".lock") if sqlite_file else nullcontext()
+    # Workers starting together on an empty database race to create Optuna's tables (optuna issue 1092):
+    # the losers' transactions fail on a table or row the winner has just made, and their next attempt
+    # finds them there.
+    race = Retrying(retry=retry_if_exception_type((IntegrityError, ProgrammingError)),
+                    stop=stop_after_attempt(3), wait=wait_random(0.5, 2), reraise=True)
     try:
-        with lock:
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
-                # Once: a trial whose parameters kill its worker every time (out of memory) is not retried
-                # forever.
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+        for attempt in race:
+            with attempt, lock:
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
+                    # Once: a trial whose parameters kill its worker every time (out of memory) is not
+                    # retried forever.
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
     except OperationalError as err:
         reason = str(err.orig or err).strip().splitlines()[0]
         shown = make_url(url).render_as_string(hide_password=True)

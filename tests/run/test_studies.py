@@ -4,9 +4,13 @@ tests/commands/test_sweep.py."""
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import optuna
 from optuna.trial import TrialState
 
+import postgres
 from malaria.run import studies
 
 
@@ -49,3 +53,20 @@ def test_hyperband_runs_only_the_promising_trials_to_the_recipes_last_epoch() ->
     assert {t.last_step for t in pruned} == {1, 3} and {t.last_step for t in complete} == {8}
     assert len(pruned) > len(complete) / 2
     assert max(t.params["quality"] for t in complete) > max(t.params["quality"] for t in pruned)
+
+
+def test_workers_starting_together_on_an_empty_database_all_open_it(postgres_url: str) -> None:
+    """Each worker's store creates Optuna's tables where they are missing; started together, all but one
+    lose that race (optuna issue 1092) and must find the tables on their next attempt."""
+    database = postgres.create_database(postgres_url, "race")
+    start = threading.Barrier(4)
+
+    def open_store(_: int) -> optuna.storages.BaseStorage:
+        start.wait()
+        return studies.make_storage(database, heartbeat=10)
+
+    with ThreadPoolExecutor(4) as pool:
+        stores = list(pool.map(open_store, range(4)))
+    study = optuna.create_study(study_name="s", storage=stores[0])
+    assert [optuna.load_study(study_name="s", storage=store).study_name for store in stores] == ["s"] * 4
+    assert study.study_name == "s"
