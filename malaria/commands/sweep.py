@@ -134,13 +134,17 @@ def same_recipe(recorded: Any, current: Any) -> bool:
     return trimmed(current, recorded) == recorded
 
 
-def check_same_sweep(study: optuna.Study, settings: dict[str, Any]) -> None:
-    """A study continues only the sweep it was started with: same resolved recipe, space and objective."""
+def check_same_sweep(study: optuna.Study, settings: dict[str, Any]) -> bool:
+    """A study continues only the sweep it was started with: same resolved recipe, space and objective.
+    True where this worker recorded the settings, in a new study.
+
+    Optuna writes a study's attributes one at a time, and workers start together: the recipe is written
+    last, so a worker that finds it finds the rest; one that does not records the same settings again."""
     recorded = study.user_attrs
-    if not recorded:
-        for key, value in settings.items():
+    if "recipe" not in recorded:
+        for key, value in sorted(settings.items(), key=lambda item: item[0] == "recipe"):
             study.set_user_attr(key, value)
-        return
+        return True
     for key in ("recipe", "space"):
         if not same_recipe(recorded.get(key), settings[key]):
             raise errors.ConfigError(
@@ -400,13 +404,12 @@ def run_sweep(args: argparse.Namespace, overrides: list[str]) -> pd.DataFrame:
         args.study_dir.mkdir(parents=True, exist_ok=True)
     pruner = make_pruner(args.pruner, recipe.base["trainer.max_epochs"])
     study = open_study(args.study, make_storage(args.storage, args.heartbeat), args.seed, pruner)
-    new = not study.user_attrs
-    check_same_sweep(study, {
+    new = check_same_sweep(study, {
         "config": args.config, "overrides": overrides, "space_file": str(args.space),
         "recipe": recipe.resolved(), "space": {k: distribution_to_json(d) for k, d in space.items()},
         "objective": args.objective,
     })
-    if new:
+    if new:  # two workers that both found it new enqueue one trial (skip_if_exists)
         enqueue_recipe(study, recipe, space)
     remaining = args.trials - len(study.get_trials(deepcopy=False, states=COUNTED))
     budget = 60 * args.budget if args.budget else None  # seconds: no new trial after, none running past

@@ -83,6 +83,18 @@ def test_a_report_of_a_study_that_does_not_exist_says_so(tmp_path: Path) -> None
         sweep.main(["--trials", "0", "--study", "nope", "--runs_dir", str(tmp_path)])
 
 
+def test_a_worker_that_finds_a_new_study_half_recorded_records_it_too() -> None:
+    settings = {"config": "c.yaml", "overrides": [], "space_file": "s.yaml",
+                "recipe": {"model": {"lr": 0.003}}, "space": {}, "objective": "submission"}
+    study = optuna.create_study()
+    study.set_user_attr("config", "c.yaml")  # another worker, started at the same time, is writing
+    assert sweep.check_same_sweep(study, settings)  # new: recorded here as well, no error
+    assert study.user_attrs == settings
+    assert not sweep.check_same_sweep(study, settings)  # now the study's: checked, not recorded again
+    with pytest.raises(errors.ConfigError, match="another recipe"):
+        sweep.check_same_sweep(study, {**settings, "recipe": {"model": {"lr": 0.01}}})
+
+
 def test_a_study_continues_after_the_code_gained_a_flag_but_not_after_a_changed_value() -> None:
     recorded = {"model": {"lr": 0.003}, "wandb": {"mode": "auto"}}
     assert sweep.same_recipe(recorded, {"model": {"lr": 0.003}, "wandb": {"mode": "auto", "group": None}})
