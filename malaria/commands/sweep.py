@@ -134,9 +134,8 @@ def same_recipe(recorded: Any, current: Any) -> bool:
     return trimmed(current, recorded) == recorded
 
 
-def check_same_sweep(study: optuna.Study, settings: dict[str, Any]) -> bool:
+def check_same_sweep(study: optuna.Study, settings: dict[str, Any]) -> None:
     """A study continues only the sweep it was started with: same resolved recipe, space and objective.
-    True where this worker recorded the settings, in a new study.
 
     Optuna writes a study's attributes one at a time, and workers start together: the recipe is written
     last, so a worker that finds it finds the rest; one that does not records the same settings again."""
@@ -144,7 +143,7 @@ def check_same_sweep(study: optuna.Study, settings: dict[str, Any]) -> bool:
     if "recipe" not in recorded:
         for key, value in sorted(settings.items(), key=lambda item: item[0] == "recipe"):
             study.set_user_attr(key, value)
-        return True
+        return
     for key in ("recipe", "space"):
         if not same_recipe(recorded.get(key), settings[key]):
             raise errors.ConfigError(
@@ -403,13 +402,13 @@ def run_sweep(args: argparse.Namespace, overrides: list[str]) -> pd.DataFrame:
     if args.default_storage:  # the one store that lives in the study's folder
         args.study_dir.mkdir(parents=True, exist_ok=True)
     pruner = make_pruner(args.pruner, recipe.base["trainer.max_epochs"])
-    study = open_study(args.study, make_storage(args.storage, args.heartbeat), args.seed, pruner)
-    new = check_same_sweep(study, {
+    study, created = open_study(args.study, make_storage(args.storage, args.heartbeat), args.seed, pruner)
+    check_same_sweep(study, {
         "config": args.config, "overrides": overrides, "space_file": str(args.space),
         "recipe": recipe.resolved(), "space": {k: distribution_to_json(d) for k, d in space.items()},
         "objective": args.objective,
     })
-    if new:  # two workers that both found it new enqueue one trial (skip_if_exists)
+    if created:  # by this worker alone: enqueue_trial's own check for a twin is no lock
         enqueue_recipe(study, recipe, space)
     remaining = args.trials - len(study.get_trials(deepcopy=False, states=COUNTED))
     budget = 60 * args.budget if args.budget else None  # seconds: no new trial after, none running past

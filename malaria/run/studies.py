@@ -130,7 +130,11 @@ def make_pruner(kind: str, max_epochs: int | None) -> optuna.pruners.BasePruner:
 
 
 def open_study(name: str, storage: optuna.storages.BaseStorage, seed: int,
-               pruner: optuna.pruners.BasePruner) -> optuna.Study:
-    """The study `name`, created by the first worker to come and joined by the others."""
-    return optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
-                               sampler=TrialSeededTPE(seed), pruner=pruner)
+               pruner: optuna.pruners.BasePruner) -> tuple[optuna.Study, bool]:
+    """The study `name`, and whether this worker created it: the store's unique study name lets exactly
+    one of the workers that start together create it; the others join it."""
+    settings = dict(study_name=name, storage=storage, sampler=TrialSeededTPE(seed), pruner=pruner)
+    try:
+        return optuna.create_study(direction="maximize", **settings), True
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(**settings), False

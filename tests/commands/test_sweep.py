@@ -41,6 +41,13 @@ data.image_size: [24, 32]
 """
 
 
+# Spaces that hold the recipe's own values (TINY's lr and image size), so a new study begins with them.
+RECIPE_SPACE = """
+model.lr: {low: 1.0e-3, high: 1.0e-2, log: true}
+data.image_size: [24, 32]
+"""
+
+
 def sweep_args(tmp_path: Path, demo_dir: Path, *extra: str, space: str = SPACE) -> list[str]:
     space_file = tmp_path / "space.yaml"
     space_file.write_text(space)
@@ -88,9 +95,11 @@ def test_a_worker_that_finds_a_new_study_half_recorded_records_it_too() -> None:
                 "recipe": {"model": {"lr": 0.003}}, "space": {}, "objective": "submission"}
     study = optuna.create_study()
     study.set_user_attr("config", "c.yaml")  # another worker, started at the same time, is writing
-    assert sweep.check_same_sweep(study, settings)  # new: recorded here as well, no error
+    sweep.check_same_sweep(study, settings)  # recorded here as well, no error
     assert study.user_attrs == settings
-    assert not sweep.check_same_sweep(study, settings)  # now the study's: checked, not recorded again
+    study.set_user_attr("config", "recorded.yaml")
+    sweep.check_same_sweep(study, settings)  # now the study's: checked, not recorded again
+    assert study.user_attrs["config"] == "recorded.yaml"
     with pytest.raises(errors.ConfigError, match="another recipe"):
         sweep.check_same_sweep(study, {**settings, "recipe": {"model": {"lr": 0.01}}})
 
@@ -108,7 +117,7 @@ def test_a_new_study_starts_with_the_recipes_own_values_where_the_space_holds_th
     space = {"model.lr": FloatDistribution(1.0e-3, 1.0e-2, log=True), "data.image_size": CategoricalDistribution([24, 32])}
     study = optuna.create_study(direction="maximize")
     sweep.enqueue_recipe(study, recipe, space)
-    sweep.enqueue_recipe(study, recipe, space)  # a second worker opening the new study: still one
+    sweep.enqueue_recipe(study, recipe, space)  # asked twice (a rerun after a crash): still one
     study.optimize(lambda trial: sum(search_space.suggest(trial, k, d) for k, d in space.items()), n_trials=2)
     assert study.trials[0].params == {"model.lr": 0.003, "data.image_size": 32}  # configs/default.yaml, TINY
     assert study.trials[1].params != study.trials[0].params
@@ -235,12 +244,14 @@ def test_a_stopped_sweep_continues_where_it_stopped(demo_dir: Path, tmp_path: Pa
 
 def assert_shared_without_loss(study: optuna.Study, runs_dir: Path, trials: int) -> None:
     """Every trial of the study complete, each an ordinary run of its own, from both workers, no proposal
-    drawn twice, and at most one trial beyond `trials` (a worker finishes the trial it started)."""
+    drawn twice (the recipe's own values, enqueued by the worker that created the study, included), and at
+    most one trial beyond `trials` (a worker finishes the trial it started)."""
     done = study.trials
     assert all(t.state == TrialState.COMPLETE for t in done)
     assert trials <= len(done) <= trials + 1
     assert len({t.user_attrs["worker"] for t in done}) == 2  # both workers ran trials
     assert len({tuple(t.params.values()) for t in done}) == len(done)
+    assert done[0].params == {"model.lr": 0.003, "data.image_size": 32}  # the recipe's: TINY on default.yaml
     folders = {p.name for p in runs_dir.glob(f"{study.study_name}-trial*")}
     assert folders == {t.user_attrs["run"] for t in done}
     for t in done:
@@ -258,7 +269,8 @@ def two_workers(args: list[str], cwd: Path, logs: Path) -> None:
 @pytest.mark.slow  # trials, and for some a second Python process
 def test_two_workers_share_one_study_without_losing_or_repeating_a_trial(demo_dir: Path, tmp_path: Path) -> None:
     # Scored on the images alone (--objective images): each trial's score is its run's best val/acc.
-    args = sweep_args(tmp_path, demo_dir, "--study", "w", "--trials", "4", "--objective", "images")
+    args = sweep_args(tmp_path, demo_dir, "--study", "w", "--trials", "4", "--objective", "images",
+                      space=RECIPE_SPACE)
     two_workers(args, REPO, tmp_path / "logs")
     study = load(tmp_path, "w")
     assert_shared_without_loss(study, tmp_path / "runs", 4)
@@ -271,8 +283,9 @@ def postgres_sweep(demo_dir: Path, postgres_url: str, tmp_path_factory: pytest.T
     recipe is a file of that copy (`--config recipe.yaml`), so a report elsewhere cannot read it."""
     copy = tmp_path_factory.mktemp("copy")
     (copy / "recipe.yaml").write_text((REPO / "configs" / "default.yaml").read_text())
-    two_workers([*sweep_args(copy, demo_dir, "--study", "pg", "--trials", "4", "--storage", postgres_url),
-                 "--config", "recipe.yaml"], copy, copy / "logs")
+    args = sweep_args(copy, demo_dir, "--study", "pg", "--trials", "4", "--storage", postgres_url,
+                      space=RECIPE_SPACE)
+    two_workers([*args, "--config", "recipe.yaml"], copy, copy / "logs")
     return copy
 
 

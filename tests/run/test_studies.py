@@ -70,3 +70,15 @@ def test_workers_starting_together_on_an_empty_database_all_open_it(postgres_url
     study = optuna.create_study(study_name="s", storage=stores[0])
     assert [optuna.load_study(study_name="s", storage=store).study_name for store in stores] == ["s"] * 4
     assert study.study_name == "s"
+
+
+def test_of_workers_opening_a_new_study_together_exactly_one_creates_it(tmp_path) -> None:
+    storage = studies.make_storage(f"sqlite:///{tmp_path}/study.db", heartbeat=10)
+    start = threading.Barrier(4)
+
+    def open_it(_: int) -> bool:
+        start.wait()
+        return studies.open_study("s", storage, 0, optuna.pruners.NopPruner())[1]
+
+    with ThreadPoolExecutor(4) as pool:
+        assert sorted(pool.map(open_it, range(4))) == [False, False, False, True]
