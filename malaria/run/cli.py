@@ -248,10 +248,11 @@ def default_run_name(config_file: str | None) -> str:
         return run_dirs.new_run_name(config_file)
     launcher, job = launched
     if job is None:
+        processes = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS")
         raise errors.ConfigError(
-            f"This training runs in {os.environ.get('WORLD_SIZE')} processes started by {launcher} with no "
-            "job id they share (torchrun's --rdzv_id), so they cannot agree on a run name: give every "
-            "process the same --run <name>, or torchrun --rdzv_id <id>.")
+            f"This training runs in {processes} processes started by {launcher} with no job id they share "
+            "(torchrun's --rdzv_id), so they cannot agree on a run name: give every process the same "
+            "--run <name>, or torchrun --rdzv_id <id>.")
     return run_dirs.new_run_name(config_file, stamp=job)
 
 
