@@ -1,5 +1,5 @@
 # The user's verbs. Variables: DATA_DIR, CONFIG, EPOCHS, ARGS, RESUME, RUN, OUT, K, FILE, MESSAGE, DRY_RUN,
-# COMPETITION, BATCHES, ANSWERS, SPACE, TRIALS, BUDGET, STUDY, STORAGE, TRIAL_MINUTES.
+# COMPETITION, BATCHES, ANSWERS, SPACE, TRIALS, BUDGET, STUDY, STORAGE, TRIAL_MINUTES, PRUNER.
 SHELL := /bin/bash
 VENV ?= .venv
 # tcmalloc where it is installed (Debian/Ubuntu: apt install libtcmalloc-minimal4; TCMALLOC= turns it
@@ -19,7 +19,7 @@ help:
 	@echo "make submit   [FILE=submissions/x.csv] [MESSAGE='...'] [DRY_RUN=1]"
 	@echo "make score    [FILE='a.csv [b.csv ...]'] [ANSWERS=DATA_DIR/test_labels.csv] [ARGS='--shared_errors DIR']  accuracy against an answer key; b, c... compared with a"
 	@echo "make cv       [K=5] [CONFIG=...] [DATA_DIR=...] [EPOCHS=N] [ARGS=...]   slide-grouped cross-validation"
-	@echo "make sweep    [TRIALS=20] [SPACE=configs/sweeps/<recipe>.yaml] [EPOCHS=N] [BUDGET=min] [TRIAL_MINUTES=N] [STUDY=name] [STORAGE=url] [CONFIG, DATA_DIR, ARGS]  Optuna search; rerun continues it; TRIALS=0: report only"
+	@echo "make sweep    [TRIALS=20] [SPACE=configs/sweeps/<recipe>.yaml] [EPOCHS=N] [BUDGET=min] [TRIAL_MINUTES=N] [STUDY=name] [STORAGE=url] [PRUNER=median|halving|hyperband] [CONFIG, DATA_DIR, ARGS]  Optuna search; rerun continues it; TRIALS=0: report only"
 	@echo "make audit    [RUN=runs/<cv>] or [K=5] [CONFIG=...] [DATA_DIR=...] [EPOCHS=N]  suspect labels from out-of-fold predictions"
 	@echo "make lr-find  [CONFIG=...] [DATA_DIR=...]  learning-rate range test"
 	@echo "make features [CONFIG=configs/resnet18_features.yaml] [DATA_DIR=...]  frozen backbone, cached features"
@@ -63,7 +63,7 @@ cv: install
 sweep: install
 	$(PY) -m malaria.commands.sweep --config $(CONFIG) $(if $(SPACE),--space $(SPACE)) $(if $(TRIALS),--trials $(TRIALS)) \
 		$(if $(BUDGET),--budget $(BUDGET)) $(if $(TRIAL_MINUTES),--trial_minutes $(TRIAL_MINUTES)) \
-		$(if $(STUDY),--study $(STUDY)) $(if $(STORAGE),--storage "$(STORAGE)") \
+		$(if $(STUDY),--study $(STUDY)) $(if $(STORAGE),--storage "$(STORAGE)") $(if $(PRUNER),--pruner $(PRUNER)) \
 		$(if $(DATA_DIR),--data.data_dir $(DATA_DIR)) $(if $(EPOCHS),--trainer.max_epochs $(EPOCHS)) $(ARGS)
 
 # Without RUN, a slide-grouped CV runs first (named here, so the audit knows where its predictions are).

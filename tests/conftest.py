@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 # Tests never touch the network: no hub weights, no W&B uploads, no update checks.
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import postgres
 from malaria.data.demo import make_demo_competition
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +43,22 @@ TINY = [
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic competition in the real layout (train/test zips, CSVs)."""
     return make_demo_competition(tmp_path_factory.mktemp("demo") / "data", n_train=240, n_test=40, seed=1)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL server of this session's own (tests/postgres.py): skipped where none can start, a
+    failure instead where the environment requires one (CI sets MALARIA_REQUIRE_POSTGRES)."""
+    try:
+        server = postgres.Server()
+    except postgres.Unavailable as why:
+        if os.environ.get(postgres.REQUIRED):
+            pytest.fail(f"{postgres.REQUIRED} is set, and no PostgreSQL server could start: {why}")
+        pytest.skip(f"no PostgreSQL server: {why}")
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 @pytest.fixture

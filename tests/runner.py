@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -97,6 +98,13 @@ def run_commands(commands: list[tuple[str, list[str], Path]], logs: Path, parall
     codes = json.loads(server.stdout)
     return [Result(code, Path(job["stdout"]).read_text(), Path(job["stderr"]).read_text())
             for code, job in zip(codes, jobs)]
+
+
+def free_port() -> int:
+    """A loopback TCP port free now, for a server a test starts (the kernel picks it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

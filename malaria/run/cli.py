@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import (
     Callback,
@@ -44,7 +45,7 @@ from malaria.evaluation.run_report import RunReport
 from malaria.run.preemption import SaveOnPreemption, preempted
 from malaria.run.loggers import MODES, WandbSaveConfig, finish_wandb, make_loggers
 
-# DDP starts the other ranks by running the same command again; they read the run name here.
+# Lightning's DDP starts the other ranks by running the same command again; they read the run name here.
 RUN_ENV = "MALARIA_RUN"
 
 
@@ -135,6 +136,8 @@ class MalariaCLI(LightningCLI):
         parser.add_argument("--runs_dir", type=str, default=str(run_dirs.RUNS_DIR))
         parser.add_argument("--wandb.mode", type=Literal[MODES], default="auto", help="auto: online with a key.")
         parser.add_argument("--wandb.project", type=str, default="malaria")
+        parser.add_argument("--wandb.group", type=str | None, default=None,
+                            help="W&B group of the run (a sweep groups its trials under the study's name).")
         parser.add_argument("--entry_point", type=str | None, default=None,
                             help="The only entry point this recipe runs under (train, features); null: any.")
         parser.add_dataclass_arguments(Infrastructure, "infrastructure")
@@ -168,15 +171,16 @@ class MalariaCLI(LightningCLI):
                                      f"(make {config.entry_point}), not malaria.commands.{self.ENTRY_POINT}.")
         if not config.run:
             config_files = config.get("config") or []
-            is_ddp_child = os.environ.get("LOCAL_RANK", "0") != "0" and RUN_ENV in os.environ
-            config.run = os.environ[RUN_ENV] if is_ddp_child else run_dirs.new_run_name(
-                str(config_files[0]) if config_files else None)
+            config.run = default_run_name(str(config_files[0]) if config_files else None)
         os.environ[RUN_ENV] = config.run
         if config.data.image_size is None:  # the backbone's pretrained input size
             config.data.image_size = default_image_size(config.model.model)
         run_dir = Path(config.runs_dir) / config.run
         resuming = self.subcommand == "fit" and config.get("ckpt_path")
-        if self.subcommand == "fit" and not resuming and (run_dir / "checkpoints").exists():
+        # Global rank 0 writes the run's folder: the other ranks' view of it (another node's disk, or
+        # rank 0's first files) says nothing about this run.
+        owner = rank_zero_only.rank == 0
+        if self.subcommand == "fit" and not resuming and owner and (run_dir / "checkpoints").exists():
             raise errors.ExistsError(f"{run_dir} already holds checkpoints. Resume it with "
                                      f"`make train RESUME={run_dir}` or pick another run name.")
         config.trainer.default_root_dir = str(run_dir)
@@ -188,7 +192,8 @@ class MalariaCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         config = self.run_config
-        loggers = make_loggers(self.run_dir, config.run, config.wandb.mode, config.wandb.project)
+        wandb = config.wandb
+        loggers = make_loggers(self.run_dir, config.run, wandb.mode, wandb.project, wandb.group)
         init = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer = init.get("trainer") or {}
         infrastructure: Infrastructure = init["infrastructure"]
@@ -229,6 +234,38 @@ class MalariaCLI(LightningCLI):
             scored = "full fit, no holdout" if self.full_fit else f"best val/acc {summary['best_val_acc']}"
             print(f"Run {summary['run']}: {scored} -> {summary['best_checkpoint']}")
         finish_wandb(self.trainer.loggers)
+
+
+def default_run_name(config_file: str | None) -> str:
+    """The run's name without `--run`, the same in every process of one training: a rank Lightning
+    started (DDP on one machine) takes its parent's; the processes an external launcher started on
+    several machines (torchrun, SLURM's srun) take `<recipe>-<job id>`, the one id they share;
+    otherwise `<recipe>-<time>`."""
+    if os.environ.get("LOCAL_RANK", "0") != "0" and RUN_ENV in os.environ:
+        return os.environ[RUN_ENV]
+    launched = external_launcher()
+    if launched is None:
+        return run_dirs.new_run_name(config_file)
+    launcher, job = launched
+    if job is None:
+        processes = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS")
+        raise errors.ConfigError(
+            f"This training runs in {processes} processes started by {launcher} with no job id they share "
+            "(torchrun's --rdzv_id), so they cannot agree on a run name: give every process the same "
+            "--run <name>, or torchrun --rdzv_id <id>.")
+    return run_dirs.new_run_name(config_file, stamp=job)
+
+
+def external_launcher() -> tuple[str, str | None] | None:
+    """(launcher, the job id its processes share, if any) when torchrun or SLURM started this training in
+    several processes; Lightning's own cluster environments tell which."""
+    if TorchElasticEnvironment.detect() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+        return "torchrun", run_id if run_id and run_id != "none" else None  # "none": no --rdzv_id
+    if SLURMEnvironment.detect() and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        job = SLURMEnvironment.job_id()
+        return "SLURM", None if job is None else str(job)
+    return None
 
 
 def _as_list(value: object) -> list:

@@ -146,8 +146,10 @@ class FallbackWandbLogger(WandbLogger):
             return super().experiment
 
 
-def make_wandb_logger(run_dir: Path, run_name: str, wandb_mode: str, project: str) -> WandbLogger | None:
-    """A W&B logger writing under run_dir/wandb/, or None when W&B is disabled.
+def make_wandb_logger(run_dir: Path, run_name: str, wandb_mode: str, project: str,
+                      group: str | None = None) -> WandbLogger | None:
+    """A W&B logger writing under run_dir/wandb/, in W&B's `group` if one is given, or None when W&B
+    is disabled.
 
     Online, the best and last checkpoints are uploaded as a model artifact at the end of training."""
     mode = resolve_mode(wandb_mode)
@@ -160,15 +162,17 @@ def make_wandb_logger(run_dir: Path, run_name: str, wandb_mode: str, project: st
     # ("git root ... does not exist"): the code's commit is that of the working directory, as in
     # environment.json.
     return FallbackWandbLogger(
-        name=run_name, id=run_name, project=project, save_dir=str(run_dir), offline=mode == "offline",
-        resume="allow", log_model=mode == "online", settings={"git_root": os.getcwd()},
+        name=run_name, id=run_name, project=project, group=group, save_dir=str(run_dir),
+        offline=mode == "offline", resume="allow", log_model=mode == "online",
+        settings={"git_root": os.getcwd()},
     )
 
 
-def make_loggers(run_dir: Path, run_name: str, wandb_mode: str, project: str) -> list[Logger]:
+def make_loggers(run_dir: Path, run_name: str, wandb_mode: str, project: str,
+                 group: str | None = None) -> list[Logger]:
     """CSV metrics in run_dir/metrics.csv, plus a W&B run named and identified like the run dir."""
     loggers: list[Logger] = [ResumableCSVLogger(save_dir=run_dir, name="", version="")]
-    wandb_logger = make_wandb_logger(run_dir, run_name, wandb_mode, project)
+    wandb_logger = make_wandb_logger(run_dir, run_name, wandb_mode, project, group)
     if wandb_logger is not None:
         loggers.append(wandb_logger)
     return loggers

@@ -17,10 +17,11 @@ RUNS_DIR = Path("runs")
 PACKAGES = ("torch", "torchvision", "lightning", "timm", "albumentations", "torchmetrics", "numpy", "wandb")
 
 
-def new_run_name(config_path: str | None, tag: str = "") -> str:
-    """`<recipe>[-<tag>]-<YYYYmmdd-HHMMSS>`, e.g. `default-20261122-221500`."""
+def new_run_name(config_path: str | None, tag: str = "", stamp: str | None = None) -> str:
+    """`<recipe>[-<tag>]-<stamp>`, e.g. `default-20261122-221500`: the stamp is the time unless given
+    (a launcher's job id, which every process of one training shares)."""
     recipe = Path(config_path).stem if config_path else "run"
-    return "-".join(filter(None, [recipe, tag, time.strftime("%Y%m%d-%H%M%S")]))
+    return "-".join(filter(None, [recipe, tag, stamp or time.strftime("%Y%m%d-%H%M%S")]))
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

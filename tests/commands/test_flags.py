@@ -72,6 +72,12 @@ BAD_FLAGS: list[tuple[list[str], list[str]]] = [
     (["sweep", "TRIALS=-1"], ["--trials", "-1"]),
     (["sweep", "BUDGET=0"], ["--budget", "0"]),
     (["sweep", "TRIAL_MINUTES=-5"], ["--trial_minutes", "-5"]),
+    (["sweep", "PRUNER=sometimes"], ["--pruner", "sometimes"]),
+    (["sweep", "ARGS=--objective leaderboard"], ["--objective", "leaderboard"]),
+    (["sweep", "STORAGE=nosuch://x/y"], ["--storage", "nosuch://x/y"]),
+    # A server that is not there: refused before any trial, the password never printed.
+    (["sweep", "STORAGE=postgresql://u:secret@127.0.0.1:1/db"],
+     ["Cannot open the study store", "u:***@127.0.0.1:1"]),
     (["score", "FILE=taken.csv taken.csv", "ARGS=--shared_errors taken.csv"], ["--shared_errors", "taken.csv"]),
     (["score", "FILE=taken.csv", "ARGS=--shared_errors out"], ["--shared_errors", "two or more files"]),
 ]

@@ -3,6 +3,7 @@ name their one entry point."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import lightning as L
@@ -12,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from malaria.common import errors
 from malaria.commands import train
+from malaria.run import cli
 from malaria.run.checkpointing import AtomicCheckpointIO, LastCheckpoint
 from malaria.evaluation.run_report import RunReport
 
@@ -52,3 +54,36 @@ def test_infrastructure_is_default_and_each_part_can_be_switched_off_or_replaced
     own = trainer("--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
                   "--trainer.callbacks.monitor", "val/loss")
     assert [c.monitor for c in own.callbacks if type(c) is ModelCheckpoint] == ["val/loss"]
+
+
+LAUNCHERS = ("TORCHELASTIC_RUN_ID", "RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE",
+             "SLURM_NTASKS", "SLURM_JOB_ID", "SLURM_JOB_NAME", cli.RUN_ENV)
+
+
+def torchrun(rank: int, processes: int, run_id: str = "job7") -> dict[str, str]:
+    """What torchrun sets in each process it starts, one per machine."""
+    return {"TORCHELASTIC_RUN_ID": run_id, "RANK": str(rank), "GROUP_RANK": str(rank), "LOCAL_RANK": "0",
+            "LOCAL_WORLD_SIZE": "1", "WORLD_SIZE": str(processes)}
+
+
+@pytest.mark.parametrize(("environment", "name"), [
+    ({}, r"default-\d{8}-\d{6}"),  # a process of its own: the time
+    ({"LOCAL_RANK": "1", cli.RUN_ENV: "parent"}, "parent"),  # a rank Lightning's DDP started: its parent's
+    (torchrun(rank=1, processes=2), "default-job7"),  # torchrun on two machines: the rendezvous id
+    (torchrun(rank=0, processes=1), r"default-\d{8}-\d{6}"),  # torchrun, one process: nothing to agree on
+    ({"SLURM_NTASKS": "8", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train"}, "default-4242"),  # srun
+])
+def test_every_process_of_one_training_names_its_run_alike(monkeypatch: pytest.MonkeyPatch,
+                                                           environment: dict[str, str], name: str) -> None:
+    for variable in LAUNCHERS:
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
+    assert re.fullmatch(name, cli.default_run_name("configs/default.yaml"))
+
+
+def test_torchrun_without_a_shared_id_asks_for_a_run_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable, value in torchrun(rank=0, processes=2, run_id="none").items():  # no --rdzv_id
+        monkeypatch.setenv(variable, value)
+    with pytest.raises(errors.ConfigError, match="2 processes started by torchrun .* --run <name>"):
+        cli.default_run_name("configs/default.yaml")
