@@ -42,8 +42,7 @@ from typing import Any
 
 import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+matplotlib.use("Agg")  # Optuna's plots draw with pyplot: no display needed
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
@@ -55,7 +54,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
-from malaria.common import errors  # noqa: E402
+from malaria.common import atomic, errors  # noqa: E402
 from malaria.common.atomic import replace_file, write_text  # noqa: E402
 from malaria.common.flags import NonNegativeInt, PositiveFloat, PositiveInt, argument  # noqa: E402
 from malaria.model.metrics import classes  # noqa: E402
@@ -294,11 +293,10 @@ def print_wide(view: Table) -> None:
     (console if console.is_terminal else Console(width=10_000)).print(view)
 
 
-def save_figure(axes: Any, path: Path) -> None:
-    figure = axes.figure
-    figure.tight_layout()
-    replace_file(path, lambda f: figure.savefig(f, format="png", dpi=120), binary=True)
-    plt.close(figure)
+def save_plot(axes: Any, path: Path) -> None:
+    """An Optuna plot's figure, laid out, through the one atomic figure writer."""
+    axes.figure.tight_layout()
+    atomic.save_figure(axes.figure, path, dpi=120)
 
 
 def recorded_recipe(study: optuna.Study, study_dir: Path) -> search_space.RecipeParser | None:
@@ -326,9 +324,9 @@ def report(study: optuna.Study, study_dir: Path) -> pd.DataFrame:
         print_wide(show(table, study))
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if complete:
-            save_figure(plot_optimization_history(study, target_name=column), study_dir / "history.png")
+            save_plot(plot_optimization_history(study, target_name=column), study_dir / "history.png")
         if len(complete) >= 2:
-            save_figure(plot_param_importances(study, target_name=column), study_dir / "importances.png")
+            save_plot(plot_param_importances(study, target_name=column), study_dir / "importances.png")
         else:
             print("Parameter importances need two complete trials.")
     recipe = recorded_recipe(study, study_dir)
