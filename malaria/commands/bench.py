@@ -141,10 +141,12 @@ def load_recipe(config: Path, overrides: Sequence[str]) -> tuple[MalariaClassifi
 
 
 def naive_setup(model: MalariaClassifier, datamodule: MalariaDataModule) -> tuple[MalariaClassifier, A.Compose]:
-    """The same model, with every augmentation image by image on the CPU (so none on the device)."""
+    """The same model, with every augmentation image by image on the CPU (so none on the device);
+    the stain levers, which exist only on the device, are left out of it."""
     naive = copy.deepcopy(model)
     naive.batch_augment = None
-    transforms = [train_transform(dataclasses.replace(datamodule.augment, on_device=False))]
+    image_by_image = dataclasses.replace(datamodule.augment, on_device=False, stain_p=0.0, randstain_p=0.0)
+    transforms = [train_transform(image_by_image)]
     if naive.hparams.batch_dihedral:
         naive.hparams.batch_dihedral = False
         transforms.append(A.SquareSymmetry(p=1.0))  # albumentations' uniform draw of the 8 dihedral views

@@ -5,7 +5,8 @@ each of the loop's hooks with a `record_function`. Every operator's own time (it
 the thread that ran it) goes to the first of these that holds:
   data          inside the loop's fetch of the next batch, or its transfer to the device
   augmentation  inside `on_after_batch_transfer` (the on-device augmentation and normalisation)
-  optimizer     inside `Optimizer.step` or `zero_grad`
+  optimizer     inside `Optimizer.step` or `zero_grad`, but outside the training step and the
+                backward pass, which Lightning runs inside `Optimizer.step` as its closure
   convolution, normalisation, activation, pooling
                 by the operator's name (forward and backward alike)
   rest          any other operator (the loss, the metrics, copies, the head's matmul...)
@@ -23,8 +24,11 @@ import torch
 from lightning.pytorch.profilers import PyTorchProfiler
 from torch.autograd.profiler_util import FunctionEvent
 
-# Regions of the loop, by a part of their record_function's name, innermost first.
-REGIONS = (
+# Regions of the loop, by a part of their record_function's name, innermost first; None: the
+# operator's own name decides (the forward and backward pass, which run inside the optimizer's step).
+REGIONS: tuple[tuple[str, str | None], ...] = (
+    (".training_step", None),
+    (".backward", None),
     ("Optimizer.step", "optimizer"),
     ("Optimizer.zero_grad", "optimizer"),
     ("optimizer_zero_grad", "optimizer"),
@@ -61,13 +65,15 @@ def profiler(steps: int, warmup: int) -> PyTorchProfiler:
 
 
 def part_of(event: FunctionEvent) -> str:
-    """The part an operator's own time belongs to: its loop region, else its name's (autograd's
-    `ConvolutionBackward0` and aten's `convolution_backward` alike)."""
+    """The part an operator's own time belongs to: its innermost loop region's, else its name's
+    (autograd's `ConvolutionBackward0` and aten's `convolution_backward` alike)."""
     node: FunctionEvent | None = event
     while node is not None:
-        for marker, part in REGIONS:
-            if marker in node.name:
-                return part
+        region = next((part for marker, part in REGIONS if marker in node.name), "")
+        if region is None:
+            break
+        if region:
+            return region
         node = node.cpu_parent
     name = event.name.lower()
     return next((part for marker, part in OPERATORS if marker in name), "rest")

@@ -56,6 +56,13 @@ def test_the_naive_model_moves_device_augmentation_to_the_cpu() -> None:
     assert {A.HorizontalFlip, A.Affine, A.ColorJitter, A.SquareSymmetry} <= set(steps)
 
 
+def test_the_stain_levers_which_exist_only_on_the_device_are_left_out_of_the_naive_pipeline() -> None:
+    model, datamodule = bench.load_recipe(Path("configs/default.yaml"), ["--data.augment.stain_p", "0.75"])
+    naive, transform = bench.naive_setup(model, datamodule)
+    assert datamodule.augment.stain_p == 0.75 and naive.batch_augment is None
+    assert A.ColorJitter in [type(t) for t in transform.transforms[0].transforms]
+
+
 def test_bad_arguments_are_refused_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:
     for flag in ("--batches", "--data_batches", "--warmup"):
         with pytest.raises(SystemExit) as exit_:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -31,3 +32,19 @@ def test_a_profiled_fit_is_summed_by_part_over_its_recorded_steps(demo_dir: Path
 def test_a_profile_without_a_recorded_step_is_refused() -> None:
     with pytest.raises(ValueError, match="recorded no training step"):
         step_profile.parts([])
+
+
+def _event(name: str, parent: SimpleNamespace | None = None) -> SimpleNamespace:
+    return SimpleNamespace(name=name, cpu_parent=parent)
+
+
+def test_the_forward_and_backward_pass_count_by_operator_though_lightning_runs_them_in_the_optimizer_step() -> None:
+    step = _event("Optimizer.step#AdamW.step", _event("[Strategy]SingleDeviceStrategy.optimizer_step"))
+    forward = _event("[LightningModule]MalariaClassifier.training_step",
+                     _event("[Strategy]SingleDeviceStrategy.training_step", step))
+    backward = _event("[Strategy]SingleDeviceStrategy.backward", step)
+    assert step_profile.part_of(_event("aten::mkldnn_convolution", _event("aten::conv2d", forward))) == "convolution"
+    assert step_profile.part_of(_event("aten::native_batch_norm_backward", backward)) == "normalisation"
+    assert step_profile.part_of(_event("aten::cross_entropy_loss", forward)) == "rest"
+    assert step_profile.part_of(_event("aten::_foreach_mul_", step)) == "optimizer"
+    assert step_profile.part_of(_event("aten::add_", _event("[LightningModule]MalariaClassifier.on_after_batch_transfer"))) == "augmentation"
