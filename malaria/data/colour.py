@@ -119,6 +119,6 @@ def standardise(pixels: np.ndarray, names: Sequence[str], slides: pd.DataFrame, 
     goal = torch.tensor(target)[None]
     for start in range(0, len(pixels), batch):
         images = torch.from_numpy(np.array(pixels[start:start + batch])).permute(0, 3, 1, 2)
-        moved = reinhard(images, torch.from_numpy(source[start:start + batch]), goal.expand(len(images), -1))
+        moved = reinhard(images, torch.tensor(source[start:start + batch]), goal.expand(len(images), -1))
         out[start:start + batch] = moved.round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return out

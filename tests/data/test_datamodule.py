@@ -15,7 +15,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from malaria.data.sampling import ResumableLoader, ResumableSampler
-from malaria.data import archive
+from malaria.data import archive, splits
 from malaria.data.datamodule import CellDataset, ConcatCells, MalariaDataModule, whole_batch
 from malaria.data.augmentation import Augment, train_transform
 
@@ -170,3 +170,24 @@ def test_every_recipe_states_its_holdout_split() -> None:
     splits = {p.name: yaml.safe_load(p.read_text()).get("data", {}).get("split") for p in recipes
               if p.name != "kaggle.yaml"}
     assert len(splits) >= 10 and {name: s for name, s in splits.items() if s not in ("random", "slide")} == {}
+
+
+def test_slide_standardisation_reads_a_standardised_cache_for_training_and_prediction_alike(demo_dir: Path) -> None:
+    """`stain_norm: slide` gives the model caches of standardised cells, the test cells' by their own
+    slides' moments; the decoded caches stay as they were, and the slides' colours draw together."""
+    plain = MalariaDataModule(data_dir=str(demo_dir), image_size=32, num_workers=0)
+    normed = MalariaDataModule(data_dir=str(demo_dir), image_size=32, num_workers=0, stain_norm="slide")
+    for datamodule in (plain, normed):
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        datamodule.setup("predict")
+    for split in ("train_cache", "test_cache"):
+        before, after = getattr(plain, split), getattr(normed, split)
+        assert "slidenorm" in after.name and before != after
+        assert not np.array_equal(np.load(before), np.load(after))
+    means = {}
+    for name, datamodule in (("plain", plain), ("normed", normed)):
+        images = np.load(datamodule.train_cache).astype(float)
+        slides = np.array([splits.slide_of(i) for i in datamodule.train_table.ids])
+        means[name] = np.array([images[slides == s].mean(axis=(0, 1, 2)) for s in np.unique(slides)])
+    assert means["normed"].std(axis=0).mean() < means["plain"].std(axis=0).mean()
