@@ -92,7 +92,8 @@ def test_features_mode_trains_only_the_classifier_and_predicts_from_images(
     assert not cli.model.standardised  # folded at the end of fitting
 
     # What was validated on cached features is what predicts from images.
-    images = MalariaDataModule(data_dir=str(demo_dir), image_size=32, batch_size=64, num_workers=0)
+    images = MalariaDataModule(data_dir=str(demo_dir), image_size=32, batch_size=64, num_workers=0,
+                               split=cli.datamodule.hparams.split)  # the recipe's holdout
     images.setup("fit")
     accuracy = BinaryAccuracy()
     with torch.no_grad():
