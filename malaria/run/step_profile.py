@@ -2,7 +2,7 @@
 
 `make bench ARGS="--profile"` trains a few steps under Lightning's `PyTorchProfiler`, which marks
 each of the loop's hooks with a `record_function`. Every operator's own time (its self time, on
-the thread that ran it) goes to the first of these that holds:
+the thread that ran it) goes by the innermost of these regions its start lies in, or else by its name:
   data          inside the loop's fetch of the next batch, or its transfer to the device
   augmentation  inside `on_after_batch_transfer` (the on-device augmentation and normalisation)
   optimizer     inside `Optimizer.step` or `zero_grad`, but outside the training step and the
@@ -17,7 +17,7 @@ waiting) is `overhead`.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +52,9 @@ OPERATORS = (
 )
 # torch names the span of a step `ProfilerStep#<n>`, or `ProfilerStep*` once it has grouped them (2.14)
 STEP = "ProfilerStep"
+# Spans that mark a region rather than do work: the profiler's steps, Lightning's hooks
+# (`[pl]...`, `[Strategy]...`, `[LightningModule]...`), the optimizer's `Optimizer.step#AdamW.step`.
+MARKERS = (STEP, "[", "Optimizer.")
 PARTS = ("convolution", "normalisation", "activation", "pooling", "optimizer", "augmentation", "data", "rest",
          "overhead")
 
@@ -64,17 +67,33 @@ def profiler(steps: int, warmup: int) -> PyTorchProfiler:
                            schedule=schedule, record_module_names=False)
 
 
-def part_of(event: FunctionEvent) -> str:
-    """The part an operator's own time belongs to: its innermost loop region's, else its name's
-    (autograd's `ConvolutionBackward0` and aten's `convolution_backward` alike)."""
-    node: FunctionEvent | None = event
-    while node is not None:
-        region = next((part for marker, part in REGIONS if marker in node.name), "")
-        if region is None:
-            break
-        if region:
-            return region
-        node = node.cpu_parent
+Span = tuple[float, float, "str | None"]
+
+
+def spans(events: Iterable[FunctionEvent]) -> list[Span]:
+    """The loop's regions as time spans (start, end, part), found by their markers' names.
+
+    By time, not by the profiler's parent links: those break where Lightning's closure runs the
+    forward and backward pass inside `Optimizer.step`, and the optimizer's own operators then show
+    no parent but the step."""
+    out = []
+    for event in events:
+        part = next((part for marker, part in REGIONS if marker in event.name), "")
+        if part != "":
+            out.append((event.time_range.start, event.time_range.end, part))
+    return out
+
+
+def part_of(event: FunctionEvent, regions: Sequence[Span] = ()) -> str:
+    """The part an operator's own time belongs to: the innermost region its start lies in, else
+    (or where that region is the forward or backward pass) its name's (autograd's
+    `ConvolutionBackward0` and aten's `convolution_backward` alike)."""
+    start = event.time_range.start
+    inside = [(end - begin, part) for begin, end, part in regions if begin <= start < end]
+    if inside:
+        part = min(inside, key=lambda span: span[0])[1]
+        if part is not None:
+            return part
     name = event.name.lower()
     return next((part for marker, part in OPERATORS if marker in name), "rest")
 
@@ -106,13 +125,15 @@ def parts(events: Iterable[FunctionEvent]) -> StepProfile:
     start, end = min(e.time_range.start for e in steps), max(e.time_range.end for e in steps)
     wall = sum(e.time_range.elapsed_us() for e in steps)
     totals = dict.fromkeys(PARTS, 0.0)
+    regions = spans(e for e in events if e.thread == steps[0].thread)
     for event in events:
-        # Operators only (aten::..., the optimizer's own loop): the profiler's and Lightning's
-        # region markers hold no work of their own beyond what their children count.
-        if event.name.startswith((STEP, "[pl]")) or not start <= event.time_range.start < end:
+        # Operators only (aten::..., autograd's nodes): the profiler's, Lightning's and the
+        # optimizer's region markers are spans, and a span's self time double-counts whatever ran
+        # inside it without being linked as its child (autograd's backward, for one).
+        if event.name.startswith(MARKERS) or not start <= event.time_range.start < end:
             continue
         if event.thread != steps[0].thread:  # the step's own thread: others (workers) overlap it
             continue
-        totals[part_of(event)] += event.self_cpu_time_total
+        totals[part_of(event, regions)] += event.self_cpu_time_total
     totals["overhead"] = max(0.0, wall - sum(totals.values()))
     return StepProfile({part: us / 1000 / len(steps) for part, us in totals.items()}, len(steps))

@@ -34,17 +34,23 @@ def test_a_profile_without_a_recorded_step_is_refused() -> None:
         step_profile.parts([])
 
 
-def _event(name: str, parent: SimpleNamespace | None = None) -> SimpleNamespace:
-    return SimpleNamespace(name=name, cpu_parent=parent)
+def _event(name: str, start: float, end: float) -> SimpleNamespace:
+    return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end))
 
 
 def test_the_forward_and_backward_pass_count_by_operator_though_lightning_runs_them_in_the_optimizer_step() -> None:
-    step = _event("Optimizer.step#AdamW.step", _event("[Strategy]SingleDeviceStrategy.optimizer_step"))
-    forward = _event("[LightningModule]MalariaClassifier.training_step",
-                     _event("[Strategy]SingleDeviceStrategy.training_step", step))
-    backward = _event("[Strategy]SingleDeviceStrategy.backward", step)
-    assert step_profile.part_of(_event("aten::mkldnn_convolution", _event("aten::conv2d", forward))) == "convolution"
-    assert step_profile.part_of(_event("aten::native_batch_norm_backward", backward)) == "normalisation"
-    assert step_profile.part_of(_event("aten::cross_entropy_loss", forward)) == "rest"
-    assert step_profile.part_of(_event("aten::_foreach_mul_", step)) == "optimizer"
-    assert step_profile.part_of(_event("aten::add_", _event("[LightningModule]MalariaClassifier.on_after_batch_transfer"))) == "augmentation"
+    regions = step_profile.spans([
+        _event("Optimizer.step#AdamW.step", 0, 100),
+        _event("[Strategy]SingleDeviceStrategy.training_step", 10, 40),
+        _event("[Strategy]SingleDeviceStrategy.backward", 50, 90),
+        _event("[LightningModule]MalariaClassifier.on_after_batch_transfer", 200, 210),
+        _event("aten::conv2d", 12, 20),  # an operator marks no region
+    ])
+    assert len(regions) == 4
+    part = lambda name, start: step_profile.part_of(_event(name, start, start + 1), regions)  # noqa: E731
+    assert part("aten::mkldnn_convolution", 12) == "convolution"
+    assert part("aten::native_batch_norm_backward", 60) == "normalisation"
+    assert part("aten::cross_entropy_loss", 35) == "rest"
+    assert part("aten::lerp_", 95) == "optimizer"  # AdamW's own work, after the closure
+    assert part("aten::add_", 205) == "augmentation"
+    assert part("aten::relu", 300) == "activation"
