@@ -238,6 +238,7 @@ def run(model: MalariaClassifier, datamodule: MalariaDataModule, batches: int, w
     datamodule.prepare_data()
     datamodule.setup("fit")
     table, size = datamodule.train_table, datamodule.hparams.image_size
+    model.use_slide_colours(datamodule)  # the data stage runs the on-device augmentation outside a fit
     naive_model, naive_transform = naive_setup(model, datamodule)
     project_trained, naive_trained = copy.deepcopy(model), copy.deepcopy(naive_model)
     if compile_net:  # in place, after copying: a copy would share the original's compiled forward

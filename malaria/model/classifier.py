@@ -110,8 +110,12 @@ class MalariaClassifier(L.LightningModule):
             self.net.compile()
 
     def on_fit_start(self) -> None:
+        self.use_slide_colours(self.trainer.datamodule)
+
+    def use_slide_colours(self, datamodule: Any) -> None:
+        """Give RandStainNA, where the recipe uses it, the training slides' colours to draw from."""
         if self.batch_augment is not None and self.batch_augment.aug.randstain_p:
-            self.batch_augment.slide_moments = self.trainer.datamodule.slide_moments()
+            self.batch_augment.slide_moments = datamodule.slide_moments()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits, one per image, for normalised float images; fp32 even under bf16 autocast, whose

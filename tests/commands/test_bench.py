@@ -56,6 +56,11 @@ def test_the_naive_model_moves_device_augmentation_to_the_cpu() -> None:
     assert {A.HorizontalFlip, A.Affine, A.ColorJitter, A.SquareSymmetry} <= set(steps)
 
 
+def test_randstain_is_benched_with_the_training_slides_colours(demo_dir: Path) -> None:
+    records = bench.main(["--data.data_dir", str(demo_dir), *TINY, "--data.augment.randstain_p", "1"])
+    assert {r["stage"] for r in records if r["kind"] == "stage"} >= {"data", "train"}
+
+
 def test_the_stain_levers_which_exist_only_on_the_device_are_left_out_of_the_naive_pipeline() -> None:
     model, datamodule = bench.load_recipe(Path("configs/default.yaml"), ["--data.augment.stain_p", "0.75"])
     naive, transform = bench.naive_setup(model, datamodule)
